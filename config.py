@@ -1,0 +1,366 @@
+"""Configuration: one frozen, typed Config built from flags and environment, validated in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+ENV_PREFIX = "KUBE_DNS_PROXY_"
+DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
+DNS_PORT = 53
+
+
+class ConfigError(ValueError):
+    """A flag, environment variable or file setting is invalid; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A host and port; host is an IP literal (v4 or v6, no brackets)."""
+
+    host: str
+    port: int
+
+    @property
+    def family_is_v6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family_is_v6 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the proxy; seconds unless the name says otherwise."""
+
+    listen: tuple[Endpoint, ...] = (Endpoint("127.0.0.1", DNS_PORT),)
+    upstreams: tuple[Endpoint, ...] = ()
+    resolv_conf: str = DEFAULT_RESOLV_CONF
+    cache_size: int = 10000
+    min_ttl: int = 0
+    max_ttl: int = 3600
+    max_negative_ttl: int = 1800
+    stale_ttl: int = 30
+    max_stale: float = math.inf
+    stale_answer_timeout: float = 1.8
+    failure_recheck: float = 30.0
+    upstream_timeout: float = 2.0
+    deadline: float = 4.0
+    force_tcp: bool = False
+    max_concurrent: int = 1000
+    max_tcp_connections: int = 256
+    tcp_idle_timeout: float = 10.0
+    grace: float = 3.0
+    log_level: str = "info"
+    log_queries: bool = False
+
+    @property
+    def serve_stale(self) -> bool:
+        return self.max_stale > 0
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """One command-line flag: its Config field, how to parse it, and its help text."""
+
+    field: str
+    help: str
+    parse: object = None  # callable str -> value; None for booleans
+    repeatable: bool = False
+    metavar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-").replace("upstreams", "upstream")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.option[2:].replace("-", "_").upper()
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse HOST, HOST:PORT, [V6] or [V6]:PORT into an Endpoint; the port defaults to 53."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ConfigError(f"bad address {text!r}: missing ']'")
+        port_text = rest[1:] if rest.startswith(":") else None
+        if rest and port_text is None:
+            raise ConfigError(f"bad address {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(f"bad address {text!r}: host must be an IP address") from None
+    port = DNS_PORT
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ConfigError(f"bad address {text!r}: port must be 0-65535")
+        port = int(port_text)
+    return Endpoint(host, port)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a non-negative number of seconds")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _max_stale(text: str) -> float:
+    if text.strip().lower() in ("unlimited", "inf", "infinite", "forever"):
+        return math.inf
+    return _seconds(text)
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _ttl(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 2**31 - 1:
+        raise ValueError("must be 0..2147483647")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+FLAGS: tuple[_Flag, ...] = (
+    _Flag("listen", "address to serve DNS on, UDP and TCP (repeatable)", parse_endpoint, True, "HOST:PORT"),
+    _Flag(
+        "upstreams",
+        "upstream server (repeatable); default: the nameservers of --resolv-conf",
+        parse_endpoint,
+        True,
+        "HOST:PORT",
+    ),
+    _Flag("resolv_conf", "resolv.conf read when no --upstream is given", str, metavar="PATH"),
+    _Flag("cache_size", "cache capacity in entries; only capacity evicts (LRU)", _count, metavar="N"),
+    _Flag("min_ttl", "lower bound on the time an answer is fresh", _ttl, metavar="SECONDS"),
+    _Flag("max_ttl", "upper bound on the time a positive answer is fresh", _ttl, metavar="SECONDS"),
+    _Flag(
+        "max_negative_ttl",
+        "upper bound on the time NXDOMAIN/NODATA is fresh (RFC 2308)",
+        _ttl,
+        metavar="SECONDS",
+    ),
+    _Flag("stale_ttl", "TTL put on stale answers (RFC 8767 suggests 30)", _ttl, metavar="SECONDS"),
+    _Flag(
+        "max_stale",
+        "how long past expiry an entry may be served; 'unlimited' or 0 (off)",
+        _max_stale,
+        metavar="SECONDS",
+    ),
+    _Flag(
+        "stale_answer_timeout",
+        "wait this long for a refresh before answering stale (RFC 8767 client timer)",
+        _seconds,
+        metavar="SECONDS",
+    ),
+    _Flag(
+        "failure_recheck",
+        "after a failed refresh, answer stale at once and ask again at most this often",
+        _positive_seconds,
+        metavar="SECONDS",
+    ),
+    _Flag("upstream_timeout", "timeout of one try to one upstream", _positive_seconds, metavar="SECONDS"),
+    _Flag(
+        "deadline",
+        "overall time a miss may take before SERVFAIL (all tries)",
+        _positive_seconds,
+        metavar="SECONDS",
+    ),
+    _Flag("force_tcp", "forward every query over TCP"),
+    _Flag(
+        "max_concurrent",
+        "queries handled at once beyond cache hits; more are dropped",
+        _count,
+        metavar="N",
+    ),
+    _Flag("max_tcp_connections", "client TCP connections open at once", _count, metavar="N"),
+    _Flag("tcp_idle_timeout", "close an idle client TCP connection after", _positive_seconds, metavar="SECONDS"),
+    _Flag("grace", "on SIGTERM, time in-flight queries get to finish", _seconds, metavar="SECONDS"),
+    _Flag("log_level", "debug, info, warning or error", _log_level, metavar="LEVEL"),
+    _Flag("log_queries", "log one debug line per query (needs --log-level debug)"),
+)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    parser = _ArgumentParser(
+        prog="proxy.py",
+        description="Per-node caching DNS proxy for Kubernetes that keeps serving stale answers "
+        "while its upstream (kube-dns) cannot be reached.",
+        epilog="Every flag can also be set by its environment variable (shown in brackets); "
+        "flags win. Repeatable flags take a comma-separated list in the environment.",
+    )
+    for flag in FLAGS:
+        default = getattr(defaults, flag.field)
+        if isinstance(default, tuple):
+            default_text = ",".join(str(e) for e in default) or "none"
+        elif default == math.inf:
+            default_text = "unlimited"
+        else:
+            default_text = str(default)
+        help_text = f"{flag.help} [{flag.env}] (default: {default_text})"
+        if flag.parse is None:
+            parser.add_argument(flag.option, dest=flag.field, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(
+                flag.option,
+                dest=flag.field,
+                action="append" if flag.repeatable else "store",
+                default=None,
+                metavar=flag.metavar,
+                help=help_text,
+            )
+    return parser
+
+
+def _convert(flag: _Flag, raw: str, source: str) -> object:
+    try:
+        return flag.parse(raw)  # type: ignore[operator]
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except ValueError as exc:
+        reason = str(exc) if "must" in str(exc) else "invalid value"
+        raise ConfigError(f"{source} {raw!r}: {reason}") from None
+
+
+def _truthy(raw: str, source: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{source} {raw!r}: expected true or false")
+
+
+def read_resolv_conf_nameservers(path: str) -> list[Endpoint]:
+    """Return the nameserver lines of a resolv.conf as endpoints on port 53 (unreadable file: none)."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        servers.append(parse_endpoint(parts[1].split("%")[0]))
+                    except ConfigError:
+                        continue
+    except OSError:
+        return []
+    return servers
+
+
+def _is_own_listen_address(upstream: Endpoint, listen: Sequence[Endpoint]) -> bool:
+    for endpoint in listen:
+        if endpoint.port != upstream.port:
+            continue
+        if endpoint.host == upstream.host:
+            return True
+        if ipaddress.ip_address(endpoint.host).is_unspecified and ipaddress.ip_address(upstream.host).is_loopback:
+            return True
+    return False
+
+
+def build_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Build and validate the Config from command-line flags, falling back to environment variables."""
+    environ = os.environ if environ is None else environ
+    parsed = vars(_build_parser().parse_args(list(argv)))
+    values: dict[str, object] = {}
+    for flag in FLAGS:
+        value = parsed[flag.field]
+        if value is None and flag.env in environ:
+            raw = environ[flag.env]
+            if flag.parse is None:
+                value = _truthy(raw, flag.env)
+            elif flag.repeatable:
+                value = [_convert(flag, item, flag.env) for item in raw.replace(" ", ",").split(",") if item]
+            else:
+                value = _convert(flag, raw, flag.env)
+        elif value is not None and flag.parse is not None:
+            if flag.repeatable:
+                value = [_convert(flag, item, flag.option) for item in value]
+            else:
+                value = _convert(flag, value, flag.option)
+        if value is not None:
+            values[flag.field] = tuple(value) if flag.repeatable else value
+    config = dataclasses.replace(Config(), **values)  # type: ignore[arg-type]
+    return _validate(config)
+
+
+def _validate(config: Config) -> Config:
+    if not config.listen:
+        raise ConfigError("--listen: at least one address is needed")
+    if config.min_ttl > config.max_ttl:
+        raise ConfigError("--min-ttl must not exceed --max-ttl")
+    if config.upstream_timeout > config.deadline:
+        raise ConfigError("--upstream-timeout must not exceed --deadline")
+    upstreams = config.upstreams
+    if upstreams:
+        for upstream in upstreams:
+            if _is_own_listen_address(upstream, config.listen):
+                raise ConfigError(f"--upstream {upstream} is one of our own --listen addresses (forwarding loop)")
+    else:
+        found = read_resolv_conf_nameservers(config.resolv_conf)
+        upstreams = tuple(u for u in found if not _is_own_listen_address(u, config.listen))
+        if not upstreams:
+            raise ConfigError(f"no --upstream given and no usable nameserver in {config.resolv_conf}")
+        config = dataclasses.replace(config, upstreams=upstreams)
+    return config
+
+
+def main_config(argv: Sequence[str] | None = None) -> Config:
+    """Build the Config for the entry point: a bad setting prints one line and exits with code 2."""
+    try:
+        return build_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"proxy.py: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def describe(config: Config) -> dict[str, object]:
+    """The effective configuration as plain JSON-friendly values, for the start log line."""
+    out: dict[str, object] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, tuple):
+            value = [str(v) for v in value]
+        elif value == math.inf:
+            value = "unlimited"
+        out[field.name] = value
+    return out

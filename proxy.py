@@ -1,0 +1,534 @@
+"""Entry point: the UDP and TCP servers and the per-query flow (cache hit, stale, miss, coalescing)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+import structlog
+from gevent import socket
+from gevent.server import DatagramServer, StreamServer
+
+import config as config_module
+import wire
+from cache import AnswerCache, Entry, TtlPolicy, answer_ttl, entry_from_reply
+from config import Config, Endpoint
+from upstream import UpstreamError, Upstreams
+
+_U16 = struct.Struct("!H")
+TCP_MAX = 65535
+TCP_PIPELINE = 16  # queries of one TCP connection handled at once (RFC 7766 §6.2.1.1 pipelining)
+LOG_BURST = 10  # error lines per event and window before they are only counted
+
+
+def configure_logging(level: str, stream=None, cache_logger: bool = True) -> structlog.typing.FilteringBoundLogger:
+    """JSON logs, one object per line on stdout, ISO UTC timestamps; filtered levels cost nothing."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        cache_logger_on_first_use=cache_logger,
+    )
+    return structlog.get_logger()
+
+
+class Counters:
+    """Plain integer counters of what the proxy did; read by the periodic summary and the tests' logs."""
+
+    __slots__ = (
+        "queries",
+        "hits",
+        "stale_served",
+        "misses",
+        "coalesced",
+        "servfail",
+        "dropped_malformed",
+        "dropped_qr",
+        "dropped_overload",
+        "formerr",
+        "notimp",
+        "handler_errors",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class RateLimitedLog:
+    """Error lines limited to LOG_BURST per event and window; the rest are counted and reported once."""
+
+    def __init__(self, log, window: float = 10.0) -> None:
+        self.log = log
+        self.window = window
+        self.windows: dict[str, tuple[float, int]] = {}
+
+    def error(self, event: str, **fields) -> None:
+        now = time.monotonic()
+        start, count = self.windows.get(event, (now, 0))
+        if now - start > self.window:
+            if count > LOG_BURST:
+                self.log.warning("log_lines_suppressed", suppressed_event=event, count=count - LOG_BURST)
+            start, count = now, 0
+        count += 1
+        self.windows[event] = (start, count)
+        if count <= LOG_BURST:
+            self.log.error(event, **fields)
+
+
+class Resolver:
+    """The per-query flow beyond a fresh hit: stale answers, misses, coalescing, background refresh."""
+
+    def __init__(
+        self,
+        config: Config,
+        cache: AnswerCache,
+        upstreams: Upstreams,
+        log,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.upstreams = upstreams
+        self.log = log
+        self.errors = RateLimitedLog(log)
+        self.timer = timer
+        self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.max_negative_ttl)
+        self.counters = Counters()
+        self.inflight: dict[bytes, gevent.event.AsyncResult] = {}
+        self.fetch_pool = gevent.pool.Pool(config.max_concurrent)
+        self.stale_since: float | None = None
+        self.stale_in_episode = 0
+        self.last_stale_at = 0.0
+
+    # The hot path: used inline by the servers, no greenlet, no logging, no allocation beyond the answer.
+    def answer_fresh(self, query: wire.Query, max_size: int) -> bytes | None:
+        """The answer from a fresh cache entry, or None when the full path is needed."""
+        entry = self.cache.lookup(query.key)
+        if entry is None:
+            return None
+        now = self.timer()
+        remaining = entry.expires_at - now
+        if remaining <= 0:
+            return None
+        entry.hits += 1
+        self.counters.hits += 1
+        # Whole seconds counted down from the stored TTL, as resolvers show them: ceil(remaining).
+        ttl = int(remaining)
+        return entry.render(query, ttl + 1 if remaining > ttl else ttl, max_size)
+
+    def resolve(self, query: wire.Query, max_size: int) -> bytes:
+        """The answer for a query that may need the upstream; never raises for upstream trouble."""
+        now = self.timer()
+        entry = self.cache.lookup(query.key)
+        if entry is not None:
+            if entry.expires_at > now:
+                entry.hits += 1
+                self.counters.hits += 1
+                return entry.render(query, answer_ttl(entry, now), max_size)
+            if self.config.serve_stale and entry.stale_for(now) <= self.config.max_stale:
+                return self._stale_path(query, entry, now, max_size)
+        self.counters.misses += 1
+        return self._miss_path(query, max_size)
+
+    def _miss_path(self, query: wire.Query, max_size: int) -> bytes:
+        pending = self._fetch(query)
+        if pending is None or self.upstreams.all_down():
+            # Known down: SERVFAIL at once; the fetch started above still tries and ends the outage.
+            return self._servfail(query)
+        pending.wait(self.config.deadline)
+        if pending.successful():
+            fresh = pending.value
+            if fresh.rcode in (wire.NOERROR, wire.NXDOMAIN):
+                return fresh.render(query, answer_ttl(fresh, self.timer()), max_size)
+        return self._servfail(query)
+
+    def _stale_path(self, query: wire.Query, entry: Entry, now: float, max_size: int) -> bytes:
+        if entry.retry_after > now or self.upstreams.all_down():
+            # RFC 8767 §5: after a failure, answer stale at once and recheck at most every
+            # failure_recheck seconds, in the background.
+            if entry.retry_after <= now:
+                entry.retry_after = now + self.config.failure_recheck
+                self._fetch(query)
+            return self._stale(query, entry, max_size)
+        pending = self._fetch(query)
+        if pending is not None:
+            # RFC 8767 client response timer: wait a little for fresh data, then answer stale;
+            # the refresh goes on in the background.
+            pending.wait(self.config.stale_answer_timeout)
+            if pending.successful():
+                fresh = pending.value
+                if fresh.rcode in (wire.NOERROR, wire.NXDOMAIN):
+                    return fresh.render(query, answer_ttl(fresh, self.timer()), max_size)
+        entry.retry_after = self.timer() + self.config.failure_recheck
+        return self._stale(query, entry, max_size)
+
+    def _stale(self, query: wire.Query, entry: Entry, max_size: int) -> bytes:
+        counters = self.counters
+        counters.stale_served += 1
+        now = self.timer()
+        self.last_stale_at = now
+        self.stale_in_episode += 1
+        if self.stale_since is None:
+            self.stale_since = now
+            self.log.warning(
+                "stale_serving_started",
+                qname=query.qname,
+                stale_seconds=round(entry.stale_for(now), 1),
+                upstreams_down=[str(s.endpoint) for s in self.upstreams.servers if s.down],
+            )
+        return entry.render(query, self.config.stale_ttl, max_size, stale=True)
+
+    def _servfail(self, query: wire.Query) -> bytes:
+        self.counters.servfail += 1
+        ede = wire.EDE_NO_REACHABLE_AUTHORITY if query.edns else None
+        return wire.error_response(query.wire, wire.SERVFAIL, query, ede)
+
+    def _fetch(self, query: wire.Query) -> gevent.event.AsyncResult | None:
+        """The pending upstream answer for this key: joined if one is in flight, else started."""
+        key = query.key
+        pending = self.inflight.get(key)
+        if pending is not None:
+            self.counters.coalesced += 1
+            return pending
+        if self.fetch_pool.full():
+            return None
+        pending = gevent.event.AsyncResult()
+        self.inflight[key] = pending
+        self.fetch_pool.spawn(self._run_fetch, key, query.question, query.do, query.cd, pending)
+        return pending
+
+    def _run_fetch(self, key: bytes, question: bytes, do: bool, cd: bool, pending) -> None:
+        try:
+            reply = self.upstreams.query(question, do, cd)
+            fresh, cacheable = entry_from_reply(reply, self.policy, self.timer())
+            if cacheable:
+                # A fresh NOERROR or NXDOMAIN replaces a stale entry (RFC 8767 §4).
+                self.cache.store(key, fresh)
+            pending.set(fresh)
+        except UpstreamError as exc:
+            pending.set_exception(exc)
+        except wire.WireError as exc:
+            self.errors.error("upstream_reply_malformed", reason=str(exc))
+            pending.set_exception(UpstreamError("malformed"))
+        except Exception as exc:  # the boundary of a greenlet: nothing escapes to the hub
+            self.errors.error("fetch_failed", error=repr(exc))
+            pending.set_exception(UpstreamError("error"))
+        finally:
+            self.inflight.pop(key, None)
+
+    def report_stale_episode(self) -> None:
+        """Close a stale-serving episode once no stale answer was needed for a while (one line, not one per answer)."""
+        if self.stale_since is None:
+            return
+        now = self.timer()
+        if now - self.last_stale_at >= 5.0:
+            self.log.info(
+                "stale_serving_ended",
+                stale_answers=self.stale_in_episode,
+                duration_seconds=round(self.last_stale_at - self.stale_since, 1),
+            )
+            self.stale_since = None
+            self.stale_in_episode = 0
+
+
+class QueryHandler:
+    """What both servers share: parse, answer a fresh hit inline, hand the rest to a bounded pool."""
+
+    def __init__(self, resolver: Resolver, pool: gevent.pool.Pool, log, log_queries: bool) -> None:
+        self.resolver = resolver
+        self.pool = pool
+        self.counters = resolver.counters
+        self.errors = resolver.errors
+        self.log = log
+        self.log_queries = log_queries
+
+    def parse(self, data: bytes) -> tuple[wire.Query | None, bytes | None]:
+        """(query, None) to resolve, (None, answer) for an error answer, or (None, None) to drop."""
+        counters = self.counters
+        counters.queries += 1
+        try:
+            return wire.parse_query(data), None
+        except wire.DropQuery as exc:
+            if len(data) >= 3 and data[2] & 0x80:
+                counters.dropped_qr += 1
+            else:
+                counters.dropped_malformed += 1
+            if self.log_queries:
+                self.log.debug("query_dropped", reason=str(exc))
+            return None, None
+        except wire.BadQuery as exc:
+            if exc.rcode == wire.NOTIMP:
+                counters.notimp += 1
+            else:
+                counters.formerr += 1
+            if self.log_queries:
+                self.log.debug("query_refused", reason=exc.reason, rcode=exc.rcode)
+            return None, wire.error_response(data, exc.rcode, exc.query)
+
+    def resolve(self, query: wire.Query, max_size: int) -> bytes:
+        """Full path with the error ladder: a failure becomes SERVFAIL and one (rate-limited) log line."""
+        try:
+            answer = self.resolver.resolve(query, max_size)
+        except Exception as exc:
+            self.counters.handler_errors += 1
+            self.errors.error("handler_failed", error=repr(exc), qtype=query.qtype)
+            return wire.error_response(query.wire, wire.SERVFAIL, query)
+        if self.log_queries:
+            self.log.debug("query", qname=query.qname, qtype=query.qtype, rcode=answer[3] & 0xF, size=len(answer))
+        return answer
+
+
+class DnsUdpServer(DatagramServer):
+    """UDP on one address: fresh hits answered inline in the read loop, the rest in pool greenlets."""
+
+    def __init__(self, listener, handler: QueryHandler) -> None:
+        # spawn is a direct call: a hit costs no greenlet (issue 3); misses spawn in handle().
+        super().__init__(listener, handle=self.handle_datagram, spawn=_call_inline)
+        self.handler = handler
+
+    def handle_datagram(self, data: bytes, address) -> None:
+        handler = self.handler
+        try:
+            query, answer = handler.parse(data)
+            if query is not None:
+                answer = handler.resolver.answer_fresh(query, query.max_udp)
+                if answer is None:
+                    if handler.pool.full():
+                        handler.counters.dropped_overload += 1
+                        return
+                    handler.pool.spawn(self._resolve_and_send, query, address)
+                    return
+                if handler.log_queries:
+                    handler.log.debug("query", qname=query.qname, qtype=query.qtype, cache="hit")
+            if answer is not None:
+                self._send(answer, address)
+        except Exception as exc:
+            handler.counters.handler_errors += 1
+            handler.errors.error("udp_handler_failed", error=repr(exc))
+
+    def _resolve_and_send(self, query: wire.Query, address) -> None:
+        try:
+            self._send(self.handler.resolve(query, query.max_udp), address)
+        except Exception as exc:
+            self.handler.errors.error("udp_handler_failed", error=repr(exc))
+
+    def _send(self, answer: bytes, address) -> None:
+        try:
+            self._socket.sendto(answer, address)
+        except BlockingIOError:
+            pass  # send buffer full: UDP may drop, the client retries
+        except OSError as exc:
+            self.handler.errors.error("udp_send_failed", error=repr(exc))
+
+
+class DnsTcpServer(StreamServer):
+    """TCP on one address (RFC 7766): length-framed, pipelined, answered as each completes."""
+
+    def __init__(self, listener, handler: QueryHandler, max_connections: int, idle_timeout: float) -> None:
+        super().__init__(listener, handle=self.handle_connection, spawn=gevent.pool.Pool(max_connections))
+        self.handler = handler
+        self.idle_timeout = idle_timeout
+        self.idle_connections: set = set()
+
+    def handle_connection(self, sock, address) -> None:
+        try:
+            self._serve(sock)
+        except Exception as exc:
+            self.handler.errors.error("tcp_handler_failed", error=repr(exc))
+        finally:
+            sock.close()
+
+    def _serve(self, sock) -> None:
+        handler = self.handler
+        sock.settimeout(self.idle_timeout)
+        write_lock = gevent.lock.Semaphore()
+        pipeline = gevent.pool.Pool(TCP_PIPELINE)
+        me = gevent.getcurrent()
+        try:
+            while True:
+                if not len(pipeline):
+                    self.idle_connections.add(me)
+                try:
+                    header = _recv_exact(sock, 2)
+                except TimeoutError:
+                    if len(pipeline):
+                        pipeline.join()
+                        continue
+                    return  # idle: close (RFC 7766 §6.2.3)
+                finally:
+                    self.idle_connections.discard(me)
+                if header is None:
+                    break  # client closed its side; answers in flight still go out
+                length = _U16.unpack(header)[0]
+                data = _recv_exact(sock, length) if length else None
+                if data is None:
+                    break
+                query, answer = handler.parse(data)
+                if query is not None:
+                    answer = handler.resolver.answer_fresh(query, TCP_MAX)
+                    if answer is None:
+                        pipeline.spawn(self._resolve_and_send, sock, write_lock, query)
+                        continue
+                if answer is not None:
+                    _send_framed(sock, write_lock, answer)
+        except (OSError, TimeoutError):
+            pass  # reset or stalled client: drop the connection
+        pipeline.join(timeout=handler.resolver.config.deadline + 1)
+
+    def _resolve_and_send(self, sock, write_lock, query: wire.Query) -> None:
+        try:
+            _send_framed(sock, write_lock, self.handler.resolve(query, TCP_MAX))
+        except (OSError, TimeoutError):
+            pass
+        except Exception as exc:
+            self.handler.errors.error("tcp_handler_failed", error=repr(exc))
+
+    def close_idle(self) -> None:
+        """At shutdown: close connections that wait for a next query; busy ones finish."""
+        for greenlet in list(self.idle_connections):
+            greenlet.kill(block=False)
+
+
+def _call_inline(function, *args):
+    function(*args)
+
+
+def _recv_exact(sock, size: int) -> bytes | None:
+    """Exactly size bytes, or None on a clean close before the first byte; EOF midway raises."""
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            if chunks:
+                raise ConnectionResetError("closed mid-message")
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _send_framed(sock, write_lock, answer: bytes) -> None:
+    with write_lock:
+        sock.sendall(_U16.pack(len(answer)) + answer)
+
+
+def bind_sockets(endpoint: Endpoint) -> tuple[socket.socket, socket.socket]:
+    """The UDP socket and the listening TCP socket of one listen address."""
+    family = socket.AF_INET6 if endpoint.family_is_v6 else socket.AF_INET
+    address = (endpoint.host, endpoint.port)
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # No SO_REUSEADDR on UDP: a second proxy on the same port fails loudly instead of silently
+        # sharing the traffic. TCP gets it so a restart can rebind past TIME_WAIT.
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        udp.bind(address)
+        tcp.bind((endpoint.host, udp.getsockname()[1]))
+        tcp.listen(1024)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
+
+class Proxy:
+    """The whole running proxy: cache, upstreams, resolver and one UDP and one TCP server per address."""
+
+    def __init__(self, config: Config, log) -> None:
+        self.config = config
+        self.log = log
+        self.cache = AnswerCache(config.cache_size)
+        self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, config.deadline, config.force_tcp, log)
+        self.resolver = Resolver(config, self.cache, self.upstreams, log)
+        self.pool = gevent.pool.Pool(config.max_concurrent)
+        self.handler = QueryHandler(self.resolver, self.pool, log, config.log_queries)
+        self.servers: list[DatagramServer | StreamServer] = []
+        self.background: list[gevent.Greenlet] = []
+        self.stopping = gevent.event.Event()
+
+    def start(self) -> None:
+        for endpoint in self.config.listen:
+            udp, tcp = bind_sockets(endpoint)
+            bound = Endpoint(endpoint.host, udp.getsockname()[1])
+            self.servers.append(DnsUdpServer(udp, self.handler))
+            self.servers.append(
+                DnsTcpServer(tcp, self.handler, self.config.max_tcp_connections, self.config.tcp_idle_timeout)
+            )
+            self.log.info("listening", address=str(bound), protocols=["udp", "tcp"])
+        for server in self.servers:
+            server.start()
+        self.background.append(gevent.spawn(self.upstreams.run_prober, self.config.failure_recheck))
+        self.background.append(gevent.spawn(self._housekeeping))
+
+    def _housekeeping(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            self.resolver.report_stale_episode()
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight queries finish within the grace time, then stop everything."""
+        deadline = time.monotonic() + self.config.grace
+        for server in self.servers:
+            if isinstance(server, DnsTcpServer):
+                server.close()  # the listener only; open connections finish their queries
+                server.close_idle()
+            else:
+                server.stop_accepting()  # the socket stays open to send the answers in flight
+        self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+        for server in self.servers:
+            if server.pool is not None:
+                server.pool.join(timeout=max(0.0, deadline - time.monotonic()))
+                server.pool.kill(block=True, timeout=1)
+        self.pool.kill(block=True, timeout=1)
+        self.resolver.fetch_pool.kill(block=True, timeout=1)
+        gevent.killall(self.background, block=True, timeout=1)
+        for server in self.servers:
+            server.close()
+        c = self.resolver.counters
+        self.log.info("stopped", **c.as_dict())
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_module.main_config(argv)
+    log = configure_logging(config.log_level)
+    log.info("starting", config=config_module.describe(config))
+    proxy = Proxy(config, log)
+    try:
+        proxy.start()
+    except OSError as exc:
+        log.error("bind_failed", error=str(exc))
+        return 1
+    stop = gevent.event.Event()
+    # Python as PID 1 ignores SIGTERM unless a handler is installed.
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
+    stop.wait()
+    log.info("stopping", grace_seconds=config.grace)
+    proxy.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

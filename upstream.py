@@ -1,0 +1,249 @@
+"""Forwarding: query bytes in, reply bytes out or UpstreamError, within one deadline; upstream health.
+
+Knows nothing of the cache. Spoofing resilience per RFC 5452: a fresh socket (random source port)
+and a random ID per try, and a reply is taken only from the server asked, with our ID and our question.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gevent
+from gevent import socket
+
+import wire
+from config import Endpoint
+
+_U16 = struct.Struct("!H")
+MAX_MESSAGE = 65535
+FAILURES_BEFORE_DOWN = 2  # consecutive failed tries, as CoreDNS forward's max_fails default
+
+
+class UpstreamError(Exception):
+    """No usable reply from any upstream before the deadline; `reason` is a short word for logs and metrics."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Server:
+    """One upstream and its health: consecutive failures, and whether it is marked down."""
+
+    endpoint: Endpoint
+    failures: int = 0
+    down: bool = False
+    down_since: float = 0.0
+    queries: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if self.endpoint.family_is_v6 else socket.AF_INET
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.endpoint.host, self.endpoint.port)
+
+
+class Upstreams:
+    """The upstream servers of the proxy, tried healthy-first within one overall deadline."""
+
+    def __init__(
+        self,
+        endpoints: tuple[Endpoint, ...],
+        try_timeout: float,
+        deadline: float,
+        force_tcp: bool,
+        log,
+        on_result: Callable[[Server, str, str, float], None] | None = None,
+    ) -> None:
+        self.servers = [Server(e) for e in endpoints]
+        self.try_timeout = try_timeout
+        self.deadline = deadline
+        self.force_tcp = force_tcp
+        self.log = log
+        self.on_result = on_result
+
+    def all_down(self) -> bool:
+        """True while every upstream is marked down: callers then answer stale or SERVFAIL at once."""
+        for server in self.servers:
+            if not server.down:
+                return False
+        return True
+
+    def query(self, question: bytes, do: bool, cd: bool, deadline: float | None = None) -> bytes:
+        """Send the question upstream and return the reply bytes (its ID is ours, not the client's).
+
+        Tries healthy servers first, then the ones marked down; each try has its own timeout inside
+        the overall deadline. Raises UpstreamError when nothing usable came back in time.
+        """
+        end = time.monotonic() + (self.deadline if deadline is None else deadline)
+        ordered = sorted(self.servers, key=lambda s: s.down)
+        reason = "timeout"
+        # Two passes at most: a second chance for a lost datagram, and no spinning on instant refusals.
+        for server in ordered + ordered:
+            remaining = end - time.monotonic()
+            if remaining <= 0.01:
+                break
+            try:
+                return self._try(server, question, do, cd, min(self.try_timeout, remaining))
+            except UpstreamError as exc:
+                reason = exc.reason
+        raise UpstreamError(reason)
+
+    def _try(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
+        started = time.monotonic()
+        protocol = "tcp" if self.force_tcp else "udp"
+        server.queries += 1
+        try:
+            if self.force_tcp:
+                reply = self._exchange_tcp(server, question, do, cd, timeout)
+            else:
+                reply = self._exchange_udp(server, question, do, cd, timeout)
+                if reply[2] & 0x02:  # TC=1: the whole answer only fits over TCP (RFC 7766 §5)
+                    self._record(server, "udp", "truncated", started)
+                    protocol = "tcp"
+                    remaining = timeout - (time.monotonic() - started)
+                    if remaining <= 0:
+                        raise UpstreamError("timeout")
+                    reply = self._exchange_tcp(server, question, do, cd, remaining)
+        except UpstreamError as exc:
+            self._failed(server, protocol, exc.reason, started)
+            raise
+        self._succeeded(server, protocol, reply, started)
+        return reply
+
+    def _exchange_udp(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
+        qid = secrets.randbits(16)
+        query = wire.build_upstream_query(qid, question, do, cd)
+        end = time.monotonic() + timeout
+        sock = socket.socket(server.family, socket.SOCK_DGRAM)
+        try:
+            # connect(): the kernel drops datagrams from any other address or port (RFC 5452 §9.1).
+            sock.connect(server.sockaddr)
+            sock.send(query)
+            while True:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamError("timeout")
+                sock.settimeout(remaining)
+                try:
+                    reply = sock.recv(MAX_MESSAGE)
+                except TimeoutError:
+                    raise UpstreamError("timeout") from None
+                if _matches(reply, qid, question):
+                    return reply
+                # A reply with another ID or question is ignored; keep waiting (RFC 5452 §9.1).
+        except OSError as exc:
+            raise UpstreamError(_os_reason(exc)) from None
+        finally:
+            sock.close()
+
+    def _exchange_tcp(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
+        qid = secrets.randbits(16)
+        query = wire.build_upstream_query(qid, question, do, cd)
+        end = time.monotonic() + timeout
+        sock = socket.socket(server.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(server.sockaddr)
+            sock.sendall(_U16.pack(len(query)) + query)
+            while True:
+                length = _U16.unpack(_recv_exact(sock, 2, end))[0]
+                reply = _recv_exact(sock, length, end)
+                if _matches(reply, qid, question):
+                    return reply
+        except TimeoutError:
+            raise UpstreamError("timeout") from None
+        except OSError as exc:
+            raise UpstreamError(_os_reason(exc)) from None
+        finally:
+            sock.close()
+
+    def _record(self, server: Server, protocol: str, result: str, started: float) -> None:
+        server.results[result] = server.results.get(result, 0) + 1
+        if self.on_result is not None:
+            self.on_result(server, protocol, result, time.monotonic() - started)
+
+    def _failed(self, server: Server, protocol: str, reason: str, started: float) -> None:
+        self._record(server, protocol, reason, started)
+        server.failures += 1
+        if not server.down and server.failures >= FAILURES_BEFORE_DOWN:
+            server.down = True
+            server.down_since = time.monotonic()
+            self.log.warning("upstream_down", upstream=str(server.endpoint), reason=reason)
+
+    def _succeeded(self, server: Server, protocol: str, reply: bytes, started: float) -> None:
+        rcode = reply[3] & 0xF
+        self._record(server, protocol, "servfail" if rcode == wire.SERVFAIL else "ok", started)
+        self.mark_up(server)
+
+    def mark_up(self, server: Server) -> None:
+        """Any reply means the server is alive (like CoreDNS forward's health check)."""
+        server.failures = 0
+        if server.down:
+            server.down = False
+            self.log.info(
+                "upstream_up",
+                upstream=str(server.endpoint),
+                down_seconds=round(time.monotonic() - server.down_since, 3),
+            )
+
+    def probe(self, server: Server, timeout: float) -> bool:
+        """Ask a down server `. NS` (answer content ignored); a reply marks it up."""
+        question = b"\x00" + struct.pack("!HH", wire.QTYPE_NS, 1)
+        try:
+            if self.force_tcp:
+                self._exchange_tcp(server, question, False, False, timeout)
+            else:
+                self._exchange_udp(server, question, False, False, timeout)
+        except UpstreamError:
+            return False
+        self.mark_up(server)
+        return True
+
+    def run_prober(self, interval: float) -> None:
+        """Forever: every `interval` seconds, probe each down server (RFC 8767 failure recheck)."""
+        while True:
+            gevent.sleep(interval)
+            for server in self.servers:
+                if server.down:
+                    self.probe(server, min(self.try_timeout, interval))
+
+
+def _recv_exact(sock: socket.socket, size: int, end: float) -> bytes:
+    chunks = []
+    while size:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamError("timeout")
+        sock.settimeout(remaining)
+        chunk = sock.recv(size)
+        if not chunk:
+            raise UpstreamError("closed")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _matches(reply: bytes, qid: int, question: bytes) -> bool:
+    """A reply is ours only with QR=1, our ID and our question, compared case-insensitively."""
+    if len(reply) < 12 + len(question) or _U16.unpack_from(reply, 0)[0] != qid or not reply[2] & 0x80:
+        return False
+    if _U16.unpack_from(reply, 4)[0] != 1:
+        return False
+    asked = reply[12 : 12 + len(question)]
+    return asked[:-4].lower() == question[:-4].lower() and asked[-4:] == question[-4:]
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
+    return "error"

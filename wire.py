@@ -1,0 +1,346 @@
+"""DNS wire format at the byte level: the query walk of the hot path, the reply scan, and small built answers.
+
+dnslib is the project's general wire-format library (tests, odd records); the functions here exist
+because a cache hit must not pay for a full parse and pack (see STYLE.md, habit 5).
+"""
+
+from __future__ import annotations
+
+import struct
+
+# RCODEs (RFC 1035 §4.1.1, RFC 6891 §9 for the extended BADVERS).
+NOERROR = 0
+FORMERR = 1
+SERVFAIL = 2
+NXDOMAIN = 3
+NOTIMP = 4
+REFUSED = 5
+BADVERS = 16
+
+QTYPE_CNAME = 5
+QTYPE_SOA = 6
+QTYPE_OPT = 41
+QTYPE_NS = 2
+
+FLAG_QR = 0x8000
+FLAG_AA = 0x0400
+FLAG_TC = 0x0200
+FLAG_RD = 0x0100
+FLAG_RA = 0x0080
+FLAG_AD = 0x0020
+FLAG_CD = 0x0010
+
+KEY_DO = 2
+KEY_CD = 1
+
+MAX_UDP_NO_EDNS = 512  # RFC 1035 §2.3.4
+OUR_EDNS_PAYLOAD = 1232  # DNS flag day 2020; also what we advertise upstream (RFC 6891 §6.2.5)
+EDE_OPTION = 15  # Extended DNS Errors (RFC 8914)
+EDE_STALE_ANSWER = 3
+EDE_NO_REACHABLE_AUTHORITY = 22
+
+_HEADER = struct.Struct("!HHHHHH")
+_U16 = struct.Struct("!H")
+_U16X2 = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+_RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
+
+
+class WireError(ValueError):
+    """A message is malformed: a name or record runs past the end, or a count does not fit."""
+
+
+class DropQuery(Exception):
+    """The packet must not be answered at all (too short for a header, or QR=1: RFC 5452 reflection)."""
+
+
+class BadQuery(Exception):
+    """The query is answered with an error rcode and nothing else."""
+
+    def __init__(self, rcode: int, reason: str, query: Query | None = None) -> None:
+        super().__init__(reason)
+        self.rcode = rcode
+        self.reason = reason
+        self.query = query  # set when the question was readable, so the answer can echo it
+
+
+class Query:
+    """What the proxy needs of a client query; `question` keeps the client's case, `key` is case-folded."""
+
+    __slots__ = (
+        "wire",
+        "flags",
+        "question",
+        "qtype",
+        "qclass",
+        "key",
+        "edns",
+        "do",
+        "cd",
+        "max_udp",
+    )
+
+    def __init__(
+        self,
+        wire: bytes,
+        flags: int,
+        question: bytes,
+        qtype: int,
+        qclass: int,
+        key: bytes,
+        edns: bool,
+        do: bool,
+        cd: bool,
+        max_udp: int,
+    ) -> None:
+        self.wire = wire
+        self.flags = flags
+        self.question = question
+        self.qtype = qtype
+        self.qclass = qclass
+        self.key = key
+        self.edns = edns
+        self.do = do
+        self.cd = cd
+        self.max_udp = max_udp
+
+    @property
+    def qname(self) -> str:
+        """The query name as text, case as asked; for logs and the control interface."""
+        return name_to_text(self.question, 0)
+
+
+def skip_name(wire: bytes, pos: int) -> int:
+    """Return the offset just past the (possibly compressed) name at pos; raise WireError if it overruns."""
+    n = len(wire)
+    while True:
+        if pos >= n:
+            raise WireError("name runs past the end")
+        length = wire[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > n:
+                raise WireError("pointer runs past the end")
+            return pos + 2
+        if length & 0xC0:
+            raise WireError("unknown label type")
+        pos += length + 1
+
+
+def name_to_text(wire: bytes, pos: int, max_jumps: int = 64) -> str:
+    """Decode the name at pos to dotted text, following pointers with a bound (compression loops)."""
+    labels: list[str] = []
+    jumps = 0
+    n = len(wire)
+    while True:
+        if pos >= n:
+            raise WireError("name runs past the end")
+        length = wire[pos]
+        if length == 0:
+            break
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > n or jumps >= max_jumps:
+                raise WireError("bad compression pointer")
+            pos = ((length & 0x3F) << 8) | wire[pos + 1]
+            jumps += 1
+            continue
+        if length & 0xC0:
+            raise WireError("unknown label type")
+        labels.append(wire[pos + 1 : pos + 1 + length].decode("ascii", "backslashreplace"))
+        pos += length + 1
+    return ".".join(labels) + "."
+
+
+def parse_query(wire: bytes) -> Query:
+    """Walk a client query once: header, one question, and the OPT record if any.
+
+    Raises DropQuery for packets that get no answer and BadQuery for those answered with an rcode.
+    """
+    n = len(wire)
+    if n < 12:
+        raise DropQuery("shorter than a header")
+    flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire, 0)[1:6]
+    if flags & FLAG_QR:
+        raise DropQuery("QR=1")
+    if (flags >> 11) & 0xF != 0:
+        raise BadQuery(NOTIMP, "opcode not QUERY")
+    if qdcount != 1:
+        raise BadQuery(FORMERR, "QDCOUNT is not 1")
+    if ancount or nscount:
+        raise BadQuery(FORMERR, "records in answer or authority of a query")
+    pos = 12
+    while True:
+        if pos >= n:
+            raise BadQuery(FORMERR, "question runs past the end")
+        length = wire[pos]
+        if length == 0:
+            break
+        if length > 63:
+            # Compression or extended labels in a question: legal in theory, never sent by real clients.
+            raise BadQuery(FORMERR, "compressed or bad label in question")
+        pos += length + 1
+    qend = pos + 5
+    if qend > n:
+        raise BadQuery(FORMERR, "question runs past the end")
+    if pos - 12 > 254:
+        raise BadQuery(FORMERR, "name longer than 255 octets")
+    qtype, qclass = _U16X2.unpack_from(wire, pos + 1)
+    question = wire[12:qend]
+    edns = do = False
+    edns_version = 0
+    max_udp = MAX_UDP_NO_EDNS
+    pos = qend
+    for _ in range(arcount):
+        try:
+            name_end = skip_name(wire, pos)
+        except WireError:
+            raise BadQuery(FORMERR, "additional record runs past the end") from None
+        if name_end + 10 > n:
+            raise BadQuery(FORMERR, "additional record runs past the end")
+        rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, name_end)
+        end = name_end + 10 + rdlength
+        if end > n:
+            raise BadQuery(FORMERR, "additional record runs past the end")
+        if rtype == QTYPE_OPT:
+            if edns or name_end != pos + 1:
+                raise BadQuery(FORMERR, "more than one OPT, or OPT not owned by the root")  # RFC 6891 §6.1.1
+            edns = True
+            edns_version = (ttl >> 16) & 0xFF
+            do = bool(ttl & 0x8000)
+            max_udp = max(MAX_UDP_NO_EDNS, rclass)  # below 512 is treated as 512 (RFC 6891 §6.2.5)
+        pos = end
+    cd = bool(flags & FLAG_CD)
+    key = wire[12 : qend - 4].lower() + wire[qend - 4 : qend] + bytes(((KEY_DO if do else 0) | (KEY_CD if cd else 0),))
+    query = Query(wire, flags, question, qtype, qclass, key, edns, do, cd, max_udp)
+    if edns_version:
+        raise BadQuery(BADVERS, "EDNS version not 0", query)  # RFC 6891 §6.1.3
+    return query
+
+
+def opt_record(do: bool, ede_code: int | None = None, ext_rcode: int = 0) -> bytes:
+    """Our OPT pseudo-record: payload 1232, the client's DO bit echoed, and an optional Extended DNS Error."""
+    options = b""
+    if ede_code is not None:
+        options = _U16X2.pack(EDE_OPTION, 2) + _U16.pack(ede_code)
+    return (
+        b"\x00"
+        + _U16X2.pack(QTYPE_OPT, OUR_EDNS_PAYLOAD)
+        + _U32.pack((ext_rcode << 24) | (0x8000 if do else 0))
+        + _U16.pack(len(options))
+        + options
+    )
+
+
+def error_response(query_wire: bytes, rcode: int, query: Query | None = None, ede_code: int | None = None) -> bytes:
+    """An answer with no records: the client's ID, opcode, RD and (when parsed) its question and OPT."""
+    qid, flags = _U16X2.unpack_from(query_wire, 0)
+    out_flags = FLAG_QR | FLAG_RA | (flags & (0x7800 | FLAG_RD | FLAG_CD)) | (rcode & 0xF)
+    if query is None:
+        return _HEADER.pack(qid, out_flags, 0, 0, 0, 0)
+    tail = b""
+    if query.edns:
+        tail = opt_record(query.do, ede_code, rcode >> 4)
+    return _HEADER.pack(qid, out_flags, 1, 0, 0, 1 if tail else 0) + query.question + tail
+
+
+def build_upstream_query(qid: int, question: bytes, do: bool, cd: bool) -> bytes:
+    """A query to send upstream: our random ID, RD=1, the client's CD, EDNS0 payload 1232 (RFC 6891)."""
+    flags = FLAG_RD | (FLAG_CD if cd else 0)
+    return _HEADER.pack(qid, flags, 1, 0, 0, 1) + question + opt_record(do)
+
+
+def question_end(wire: bytes) -> int:
+    """Offset just past the first question of a message (uncompressed name expected); WireError if none."""
+    n = len(wire)
+    pos = 12
+    while True:
+        if pos >= n:
+            raise WireError("question runs past the end")
+        length = wire[pos]
+        if length == 0:
+            break
+        if length > 63:
+            raise WireError("compressed or bad label in question")
+        pos += length + 1
+    if pos + 5 > n:
+        raise WireError("question runs past the end")
+    return pos + 5
+
+
+class ReplyScan:
+    """The layout of an upstream reply: where each record's TTL sits and what the cache policy needs."""
+
+    __slots__ = (
+        "rcode",
+        "flags",
+        "question_end",
+        "ancount",
+        "nscount",
+        "arcount",
+        "ttls",
+        "ttl_offsets",
+        "answer_types",
+        "soa_ttl",
+        "soa_minimum",
+        "opt_start",
+        "opt_is_last",
+        "ext_rcode",
+    )
+
+    def __init__(self) -> None:
+        self.ttls: list[int] = []
+        self.ttl_offsets: list[int] = []
+        self.answer_types: list[int] = []
+        self.soa_ttl: int | None = None
+        self.soa_minimum: int | None = None
+        self.opt_start: int | None = None
+        self.opt_is_last = False
+        self.ext_rcode = 0
+
+
+def scan_reply(wire: bytes) -> ReplyScan:
+    """Walk every record of a reply (bounds-checked) and note TTL offsets, SOA values and the OPT position."""
+    n = len(wire)
+    if n < 12:
+        raise WireError("shorter than a header")
+    _, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire, 0)
+    if qdcount != 1:
+        raise WireError("QDCOUNT is not 1")
+    scan = ReplyScan()
+    scan.flags = flags
+    scan.rcode = flags & 0xF
+    scan.ancount, scan.nscount, scan.arcount = ancount, nscount, arcount
+    pos = scan.question_end = question_end(wire)
+    total = ancount + nscount + arcount
+    for index in range(total):
+        start = pos
+        name_end = skip_name(wire, pos)
+        if name_end + 10 > n:
+            raise WireError("record runs past the end")
+        rtype, _rclass, ttl, rdlength = _RR_FIXED.unpack_from(wire, name_end)
+        rdata = name_end + 10
+        pos = rdata + rdlength
+        if pos > n:
+            raise WireError("rdata runs past the end")
+        if rtype == QTYPE_OPT:
+            if scan.opt_start is not None or index < ancount + nscount:
+                raise WireError("misplaced or repeated OPT")
+            scan.opt_start = start
+            scan.opt_is_last = index == total - 1
+            scan.ext_rcode = ttl >> 24
+            continue
+        if ttl & 0x80000000:
+            ttl = 0  # RFC 2181 §8: a TTL with the top bit set is treated as zero
+        scan.ttls.append(ttl)
+        scan.ttl_offsets.append(name_end + 4)
+        if index < ancount:
+            scan.answer_types.append(rtype)
+        elif index < ancount + nscount and rtype == QTYPE_SOA and scan.soa_ttl is None:
+            if rdlength < 22:
+                raise WireError("SOA rdata too short")
+            scan.soa_ttl = ttl
+            scan.soa_minimum = _U32.unpack_from(wire, pos - 4)[0]
+    if pos != n:
+        raise WireError("trailing bytes after the last record")
+    return scan
