@@ -41,7 +41,7 @@ class Entry:
     computed when read and goes negative once the entry is stale.
     """
 
-    __slots__ = ("wire", "ttl_offsets", "ttl", "stored_at", "expires_at", "rcode", "hits", "retry_after")
+    __slots__ = ("expires_at", "hits", "rcode", "rendered", "retry_after", "stored_at", "ttl", "ttl_offsets", "wire")
 
     def __init__(self, reply: bytes, ttl_offsets: tuple[int, ...], ttl: int, stored_at: float) -> None:
         self.wire = reply
@@ -54,6 +54,9 @@ class Entry:
         # Monotonic time before which a stale entry is served at once, without waiting on the
         # upstream: set after a failed refresh (RFC 8767 §5 failure recheck timer).
         self.retry_after = 0.0
+        # UDP answers already rendered, by the client query less its ID: (ttl, answer). Clients
+        # repeat byte-identical queries, so a hit usually only swaps in the ID (issue 3).
+        self.rendered: dict[bytes, tuple[int, bytes]] = {}
 
     def remaining_ttl(self, now: float) -> float:
         """Seconds of freshness left; zero or less means stale."""
@@ -66,15 +69,15 @@ class Entry:
         """Seconds since the entry went stale (negative while fresh)."""
         return now - self.expires_at
 
-    def render(self, query: wire.Query, ttl: int, max_size: int, stale: bool = False) -> bytes:
+    def render(
+        self, query: wire.Query, ttl: int, max_size: int, stale: bool = False, qid: bytes | None = None
+    ) -> bytes:
         """The answer to `query`: its ID, its question bytes (case as asked), TTLs set to `ttl`.
 
         An answer larger than `max_size` becomes an empty one with TC=1 (RFC 1035 §4.2.1, RFC 6891 §7).
         """
         out = bytearray(self.wire)
-        qwire = query.wire
-        out[0] = qwire[0]
-        out[1] = qwire[1]
+        out[0:2] = query.wire[0:2] if qid is None else qid
         cflags = query.flags
         # QR, RA; AA is never ours to set; RD and CD echo the client; AD only if the client can use it.
         flags = (
@@ -97,16 +100,16 @@ class Entry:
                 out += _OPT_DO if query.do else _OPT_PLAIN
             out[10:12] = _U16.pack(_U16.unpack_from(out, 10)[0] + 1)
         if len(out) > max_size:
-            return self.truncated(query, stale)
+            return self.truncated(query, stale, out[0:2])
         return bytes(out)
 
-    def truncated(self, query: wire.Query, stale: bool) -> bytes:
+    def truncated(self, query: wire.Query, stale: bool, qid: bytes) -> bytes:
         """Header and question only, TC=1: the client retries over TCP."""
         flags = 0x8080 | wire.FLAG_TC | (query.flags & (wire.FLAG_RD | wire.FLAG_CD)) | self.rcode
         tail = b""
         if query.edns:
             tail = wire.opt_record(query.do, wire.EDE_STALE_ANSWER if stale else None)
-        header = query.wire[0:2] + _U16.pack(flags) + struct.pack("!HHHH", 1, 0, 0, 1 if tail else 0)
+        header = bytes(qid) + _U16.pack(flags) + struct.pack("!HHHH", 1, 0, 0, 1 if tail else 0)
         return header + query.question + tail
 
 

@@ -43,6 +43,8 @@ class Config:
     upstreams: tuple[Endpoint, ...] = ()
     resolv_conf: str = DEFAULT_RESOLV_CONF
     cache_size: int = 10000
+    cache_file: str | None = None
+    save_interval: float = 60.0
     min_ttl: int = 0
     max_ttl: int = 3600
     max_negative_ttl: int = 1800
@@ -59,6 +61,11 @@ class Config:
     grace: float = 3.0
     log_level: str = "info"
     log_queries: bool = False
+    intercept: str = "none"
+    local_ips: tuple[str, ...] = ()
+    dnat_target: Endpoint | None = None
+    sync_interval: float = 60.0
+    http: Endpoint | None = None
 
     @property
     def serve_stale(self) -> bool:
@@ -77,7 +84,7 @@ class _Flag:
 
     @property
     def option(self) -> str:
-        return "--" + self.field.replace("_", "-").replace("upstreams", "upstream")
+        return "--" + self.field.replace("_", "-").replace("upstreams", "upstream").replace("local-ips", "local-ip")
 
     @property
     def env(self) -> str:
@@ -151,6 +158,20 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _intercept_mode(text: str) -> str:
+    mode = text.strip().lower()
+    if mode not in ("nodelocal", "dnat", "none"):
+        raise ValueError("must be nodelocal, dnat or none")
+    return mode
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text.strip()))
+    except ValueError:
+        raise ValueError("must be an IPv4 address") from None
+
+
 FLAGS: tuple[_Flag, ...] = (
     _Flag("listen", "address to serve DNS on, UDP and TCP (repeatable)", parse_endpoint, True, "HOST:PORT"),
     _Flag(
@@ -162,6 +183,8 @@ FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag("resolv_conf", "resolv.conf read when no --upstream is given", str, metavar="PATH"),
     _Flag("cache_size", "cache capacity in entries; only capacity evicts (LRU)", _count, metavar="N"),
+    _Flag("cache_file", "file the cache is saved to and loaded from at start; none: off", str, metavar="PATH"),
+    _Flag("save_interval", "save the cache to --cache-file this often", _positive_seconds, metavar="SECONDS"),
     _Flag("min_ttl", "lower bound on the time an answer is fresh", _ttl, metavar="SECONDS"),
     _Flag("max_ttl", "upper bound on the time a positive answer is fresh", _ttl, metavar="SECONDS"),
     _Flag(
@@ -208,6 +231,24 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("grace", "on SIGTERM, time in-flight queries get to finish", _seconds, metavar="SECONDS"),
     _Flag("log_level", "debug, info, warning or error", _log_level, metavar="LEVEL"),
     _Flag("log_queries", "log one debug line per query (needs --log-level debug)"),
+    _Flag(
+        "intercept",
+        "node DNS interception the proxy sets up and removes: nodelocal, dnat or none",
+        _intercept_mode,
+        metavar="MODE",
+    ),
+    _Flag(
+        "local_ips",
+        "address put on the node for interception (repeatable): the link-local IP, then the kube-dns ClusterIP",
+        _ipv4,
+        True,
+        "IP",
+    ),
+    _Flag("dnat_target", "dnat mode: where queries are redirected (default: first --local-ip)", parse_endpoint,
+          metavar="HOST:PORT"),
+    _Flag("sync_interval", "re-check interception rules and addresses this often", _positive_seconds,
+          metavar="SECONDS"),
+    _Flag("http", "serve /health and /ready (and more) over HTTP here; none: off", parse_endpoint, metavar="HOST:PORT"),
 )
 
 
@@ -233,6 +274,8 @@ def _build_parser() -> argparse.ArgumentParser:
             default_text = ",".join(str(e) for e in default) or "none"
         elif default == math.inf:
             default_text = "unlimited"
+        elif default is None:
+            default_text = "none"
         else:
             default_text = str(default)
         help_text = f"{flag.help} [{flag.env}] (default: {default_text})"
@@ -297,10 +340,31 @@ def _is_own_listen_address(upstream: Endpoint, listen: Sequence[Endpoint]) -> bo
     return False
 
 
+UPSTREAM_PLACEHOLDER = "__PILLAR__CLUSTER__DNS__"
+UPSTREAM_SERVICE_ENV = "KUBE_DNS_UPSTREAM_SERVICE_HOST"
+
+
+def _fill_upstream_placeholder(text: str, environ: Mapping[str, str]) -> str:
+    """The manifest's placeholder becomes the kube-dns-upstream Service IP the kubelet gives the pod."""
+    if text.strip() != UPSTREAM_PLACEHOLDER:
+        return text
+    host = environ.get(UPSTREAM_SERVICE_ENV, "").strip()
+    if not host:
+        raise ConfigError(
+            f"--upstream {UPSTREAM_PLACEHOLDER} needs ${UPSTREAM_SERVICE_ENV} (the kube-dns-upstream Service)"
+        )
+    return f"[{host}]:53" if ":" in host else f"{host}:53"
+
+
 def build_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
     """Build and validate the Config from command-line flags, falling back to environment variables."""
     environ = os.environ if environ is None else environ
     parsed = vars(_build_parser().parse_args(list(argv)))
+    if parsed["upstreams"]:
+        parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in parsed["upstreams"]]
+    elif parsed["upstreams"] is None and UPSTREAM_PLACEHOLDER in environ.get(ENV_PREFIX + "UPSTREAM", ""):
+        raw = environ[ENV_PREFIX + "UPSTREAM"].replace(" ", ",").split(",")
+        parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in raw if u]
     values: dict[str, object] = {}
     for flag in FLAGS:
         value = parsed[flag.field]
@@ -330,9 +394,13 @@ def _validate(config: Config) -> Config:
         raise ConfigError("--min-ttl must not exceed --max-ttl")
     if config.upstream_timeout > config.deadline:
         raise ConfigError("--upstream-timeout must not exceed --deadline")
+    if config.intercept != "none" and not config.local_ips:
+        raise ConfigError(f"--intercept {config.intercept} needs --local-ip")
     upstreams = config.upstreams
     if upstreams:
         for upstream in upstreams:
+            if upstream.host in config.local_ips:
+                raise ConfigError(f"--upstream {upstream} is one of our --local-ip addresses (forwarding loop)")
             if _is_own_listen_address(upstream, config.listen):
                 raise ConfigError(f"--upstream {upstream} is one of our own --listen addresses (forwarding loop)")
     else:
@@ -360,6 +428,8 @@ def describe(config: Config) -> dict[str, object]:
         value = getattr(config, field.name)
         if isinstance(value, tuple):
             value = [str(v) for v in value]
+        elif isinstance(value, Endpoint):
+            value = str(value)
         elif value == math.inf:
             value = "unlimited"
         out[field.name] = value

@@ -9,10 +9,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 # knotd, iptables, nft, ip, unbound and dnsmasq live in sbin, missing from some non-login PATHs.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils dnsperf unbound dnsmasq-base iptables nftables
+APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils dnsperf unbound dnsmasq-base iptables nftables conntrack
   iproute2 procps python3-venv)
 # One binary per package above that proves it is installed (python3-venv is checked apart).
-NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft ip ps pgrep)
+NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft conntrack ip ps pgrep)
 VENV=.venv
 REQUIREMENTS=(requirements.txt requirements-dev.txt)
 STAMP="$VENV/.requirements.sha256"

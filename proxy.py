@@ -13,6 +13,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
+import gevent.subprocess
 import structlog
 from gevent import socket
 from gevent.server import DatagramServer, StreamServer
@@ -21,12 +22,19 @@ import config as config_module
 import wire
 from cache import AnswerCache, Entry, TtlPolicy, answer_ttl, entry_from_reply
 from config import Config, Endpoint
+from httpapi import HttpApi
+from netsetup import InterceptError, Interceptor, InterceptSpec
+from persist import CachePersister
 from upstream import UpstreamError, Upstreams
 
 _U16 = struct.Struct("!H")
 TCP_MAX = 65535
 TCP_PIPELINE = 16  # queries of one TCP connection handled at once (RFC 7766 §6.2.1.1 pipelining)
 LOG_BURST = 10  # error lines per event and window before they are only counted
+MAX_TEMPLATES = 50_000  # parsed queries kept for the hot path (a few MB at most)
+RENDERED_PER_ENTRY = 8  # rendered answers kept per cache entry
+INVALID_TLD = b"\x07invalid\x00"
+IP_FREEBIND = 15  # linux/in.h: bind an address the node does not have yet
 
 
 def configure_logging(level: str, stream=None, cache_logger: bool = True) -> structlog.typing.FilteringBoundLogger:
@@ -112,29 +120,66 @@ class Resolver:
         self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.max_negative_ttl)
         self.counters = Counters()
         self.inflight: dict[bytes, gevent.event.AsyncResult] = {}
+        self.templates: dict[bytes, wire.Query] = {}
         self.fetch_pool = gevent.pool.Pool(config.max_concurrent)
         self.stale_since: float | None = None
         self.stale_in_episode = 0
         self.last_stale_at = 0.0
 
-    # The hot path: used inline by the servers, no greenlet, no logging, no allocation beyond the answer.
+    # The hot path, used inline by the servers: no greenlet, no logging, and for a query seen
+    # before no parse and no render either (STYLE.md habit 5, issue 3).
+    def answer_fresh_udp(self, data: bytes) -> bytes | None:
+        """The UDP answer from a fresh cache entry, or None when the full path is needed."""
+        body = data[2:]
+        query = self.templates.get(body)
+        if query is None:
+            return None
+        entry = self.cache.lookup(query.key)
+        if entry is None:
+            return None
+        remaining = entry.expires_at - self.timer()
+        if remaining <= 0:
+            return None
+        # Whole seconds counted down from the stored TTL, as resolvers show them: ceil(remaining).
+        ttl = int(remaining)
+        if remaining > ttl:
+            ttl += 1
+        entry.hits += 1
+        self.counters.hits += 1
+        rendered = entry.rendered.get(body)
+        if rendered is not None and rendered[0] == ttl:
+            return data[:2] + rendered[1][2:]
+        answer = entry.render(query, ttl, query.max_udp, qid=data[:2])
+        if len(entry.rendered) >= RENDERED_PER_ENTRY:
+            entry.rendered.clear()  # many spellings of one question (0x20 case): keep it bounded
+        entry.rendered[body] = (ttl, answer)
+        return answer
+
+    def remember(self, data: bytes, query: wire.Query) -> None:
+        """Keep a parsed query by its bytes less the ID, so the next identical one skips the parse."""
+        templates = self.templates
+        if len(templates) >= MAX_TEMPLATES:
+            templates.clear()  # bounded; refills with what clients ask now
+        templates[data[2:]] = query
+
     def answer_fresh(self, query: wire.Query, max_size: int) -> bytes | None:
-        """The answer from a fresh cache entry, or None when the full path is needed."""
+        """The answer from a fresh cache entry for a parsed query, or None when the full path is needed."""
         entry = self.cache.lookup(query.key)
         if entry is None:
             return None
         now = self.timer()
-        remaining = entry.expires_at - now
-        if remaining <= 0:
+        if entry.expires_at <= now:
             return None
         entry.hits += 1
         self.counters.hits += 1
-        # Whole seconds counted down from the stored TTL, as resolvers show them: ceil(remaining).
-        ttl = int(remaining)
-        return entry.render(query, ttl + 1 if remaining > ttl else ttl, max_size)
+        return entry.render(query, answer_ttl(entry, now), max_size)
 
     def resolve(self, query: wire.Query, max_size: int) -> bytes:
         """The answer for a query that may need the upstream; never raises for upstream trouble."""
+        if query.key[:-5].endswith(INVALID_TLD):
+            # RFC 6761 §6.4: never sent upstream. Also what the health checks ask, so they do not
+            # depend on kube-dns.
+            return wire.error_response(query.wire, wire.NXDOMAIN, query)
         now = self.timer()
         entry = self.cache.lookup(query.key)
         if entry is not None:
@@ -298,16 +343,40 @@ class QueryHandler:
 class DnsUdpServer(DatagramServer):
     """UDP on one address: fresh hits answered inline in the read loop, the rest in pool greenlets."""
 
+    max_accept = 200  # datagrams read per readiness event before other greenlets get a turn
+
     def __init__(self, listener, handler: QueryHandler) -> None:
-        # spawn is a direct call: a hit costs no greenlet (issue 3); misses spawn in handle().
-        super().__init__(listener, handle=self.handle_datagram, spawn=_call_inline)
+        super().__init__(listener, handle=self.handle_datagram)
         self.handler = handler
+
+    def _do_read(self) -> None:
+        # Replaces BaseServer's loop: no spawn, no close callback per datagram. A cache hit costs
+        # one recvfrom, the walk of the query, one dict probe, one copy and one sendto (issue 3).
+        recvfrom = self._socket.recvfrom
+        handle = self.handle_datagram
+        for _ in range(self.max_accept):
+            try:
+                data, address = recvfrom(8192)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.handler.errors.error("udp_receive_failed", error=repr(exc))
+                return
+            handle(data, address)
 
     def handle_datagram(self, data: bytes, address) -> None:
         handler = self.handler
         try:
+            answer = handler.resolver.answer_fresh_udp(data)
+            if answer is not None:
+                handler.counters.queries += 1
+                if handler.log_queries:
+                    handler.log.debug("query", size=len(data), cache="hit")
+                self._send(answer, address)
+                return
             query, answer = handler.parse(data)
             if query is not None:
+                handler.resolver.remember(data, query)
                 answer = handler.resolver.answer_fresh(query, query.max_udp)
                 if answer is None:
                     if handler.pool.full():
@@ -406,10 +475,6 @@ class DnsTcpServer(StreamServer):
             greenlet.kill(block=False)
 
 
-def _call_inline(function, *args):
-    function(*args)
-
-
 def _recv_exact(sock, size: int) -> bytes | None:
     """Exactly size bytes, or None on a clean close before the first byte; EOF midway raises."""
     chunks = []
@@ -429,8 +494,11 @@ def _send_framed(sock, write_lock, answer: bytes) -> None:
         sock.sendall(_U16.pack(len(answer)) + answer)
 
 
-def bind_sockets(endpoint: Endpoint) -> tuple[socket.socket, socket.socket]:
-    """The UDP socket and the listening TCP socket of one listen address."""
+def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.socket, socket.socket]:
+    """The UDP socket and the listening TCP socket of one listen address.
+
+    freebind: bind before the address exists on the node (interception adds it after binding).
+    """
     family = socket.AF_INET6 if endpoint.family_is_v6 else socket.AF_INET
     address = (endpoint.host, endpoint.port)
     udp = socket.socket(family, socket.SOCK_DGRAM)
@@ -442,6 +510,9 @@ def bind_sockets(endpoint: Endpoint) -> tuple[socket.socket, socket.socket]:
         # No SO_REUSEADDR on UDP: a second proxy on the same port fails loudly instead of silently
         # sharing the traffic. TCP gets it so a restart can rebind past TIME_WAIT.
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if freebind and family == socket.AF_INET:
+            udp.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            tcp.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         udp.bind(address)
         tcp.bind((endpoint.host, udp.getsockname()[1]))
@@ -467,10 +538,37 @@ class Proxy:
         self.servers: list[DatagramServer | StreamServer] = []
         self.background: list[gevent.Greenlet] = []
         self.stopping = gevent.event.Event()
+        self.persister: CachePersister | None = None
+        if config.cache_file:
+            self.persister = CachePersister(config.cache_file, self.cache, config.max_stale, log)
+        self.interceptor: Interceptor | None = None
+        self.sync_greenlet: gevent.Greenlet | None = None
+        self.rules_ok = True
+        self.serving = False
+        if config.intercept != "none":
+            spec = InterceptSpec(
+                mode=config.intercept,
+                local_ips=config.local_ips,
+                port=config.listen[0].port,
+                dnat_target=str(config.dnat_target) if config.dnat_target else None,
+                health_port=config.http.port if config.http and config.http.host in config.local_ips else None,
+            )
+            self.interceptor = Interceptor(spec, log, runner=gevent.subprocess.run)
+        self.http: HttpApi | None = None
+        if config.http is not None:
+            self.http = HttpApi(config.http, config.listen[0], self.readiness, log)
 
     def start(self) -> None:
+        """Load the cache, bind, serve, then set up interception (NodeLocal DNSCache's order).
+
+        Raises OSError when a socket cannot be bound and InterceptError when the rules cannot be set.
+        """
+        if self.interceptor is not None:
+            self.interceptor.remove_leftovers()  # an earlier run killed with -9 left them
+        if self.persister is not None:
+            self.persister.load()  # before the sockets serve: the first queries see the loaded cache
         for endpoint in self.config.listen:
-            udp, tcp = bind_sockets(endpoint)
+            udp, tcp = bind_sockets(endpoint, freebind=self.interceptor is not None)
             bound = Endpoint(endpoint.host, udp.getsockname()[1])
             self.servers.append(DnsUdpServer(udp, self.handler))
             self.servers.append(
@@ -481,6 +579,33 @@ class Proxy:
             server.start()
         self.background.append(gevent.spawn(self.upstreams.run_prober, self.config.failure_recheck))
         self.background.append(gevent.spawn(self._housekeeping))
+        if self.persister is not None:
+            self.persister.start(self.config.save_interval)
+        if self.interceptor is not None:
+            self.interceptor.add_addresses()
+            try:
+                self.interceptor.install_rules()
+            except InterceptError:
+                self.interceptor.teardown()
+                raise
+            self.sync_greenlet = gevent.spawn(self._sync_interception)
+        if self.http is not None:
+            self.http.start()  # after the addresses: it may listen on the link-local one
+        self.serving = True
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once the cache is loaded, the sockets serve and interception (if any) is in place."""
+        if not self.serving:
+            return False, "starting"
+        if not self.rules_ok:
+            return False, "interception rules missing"
+        return True, "ready"
+
+    def _sync_interception(self) -> None:
+        while True:
+            gevent.sleep(self.config.sync_interval)
+            restored = self.interceptor.sync()
+            self.rules_ok = self.interceptor.rules_present() if restored else True
 
     def _housekeeping(self) -> None:
         while True:
@@ -490,6 +615,12 @@ class Proxy:
     def stop(self) -> None:
         """Stop accepting, let in-flight queries finish within the grace time, then stop everything."""
         deadline = time.monotonic() + self.config.grace
+        self.serving = False
+        if self.interceptor is not None:
+            if self.sync_greenlet is not None:
+                self.sync_greenlet.kill()
+            # Rules first: new queries fall back to kube-dns at once while ours drain (issue 4).
+            self.interceptor.remove_rules()
         for server in self.servers:
             if isinstance(server, DnsTcpServer):
                 server.close()  # the listener only; open connections finish their queries
@@ -506,24 +637,39 @@ class Proxy:
         gevent.killall(self.background, block=True, timeout=1)
         for server in self.servers:
             server.close()
+        if self.persister is not None:
+            self.persister.stop()  # the final snapshot, once no query can change the cache any more
+        if self.http is not None:
+            self.http.stop()
+        if self.interceptor is not None:
+            self.interceptor.teardown()  # the addresses, now that no answer is in flight
         c = self.resolver.counters
         self.log.info("stopped", **c.as_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["watchdog"]:
+        import watchdog
+
+        return watchdog.main(argv[1:])
     config = config_module.main_config(argv)
     log = configure_logging(config.log_level)
     log.info("starting", config=config_module.describe(config))
-    proxy = Proxy(config, log)
+    stop = gevent.event.Event()
+    # Python as PID 1 ignores SIGTERM unless a handler is installed; installed before interception
+    # is set up, so a SIGTERM during start still tears it down.
+    gevent.signal_handler(signal.SIGTERM, stop.set)
+    gevent.signal_handler(signal.SIGINT, stop.set)
     try:
+        proxy = Proxy(config, log)
         proxy.start()
     except OSError as exc:
         log.error("bind_failed", error=str(exc))
         return 1
-    stop = gevent.event.Event()
-    # Python as PID 1 ignores SIGTERM unless a handler is installed.
-    gevent.signal_handler(signal.SIGTERM, stop.set)
-    gevent.signal_handler(signal.SIGINT, stop.set)
+    except InterceptError as exc:
+        log.error("intercept_failed", error=str(exc))
+        return 1
     stop.wait()
     log.info("stopping", grace_seconds=config.grace)
     proxy.stop()

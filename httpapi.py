@@ -1,0 +1,85 @@
+"""The operator's HTTP interface: /health (liveness) and /ready (readiness) for the kubelet's probes."""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections.abc import Callable, Iterable
+
+from gevent import socket
+from gevent.pywsgi import WSGIServer
+
+from config import Endpoint
+
+HEALTH_QNAME = b"\x06health\x0ekube-dns-proxy\x07invalid\x00"  # answered locally (RFC 6761 §6.4)
+
+
+def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
+    """Ask our own DNS socket a question it answers without the upstream; any matching reply is alive."""
+    host = endpoint.host
+    if host in ("0.0.0.0", "::"):
+        host = "::1" if host == "::" else "127.0.0.1"
+    qid = secrets.randbits(16)
+    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + HEALTH_QNAME + struct.pack("!HH", 1, 1)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, endpoint.port))
+            sock.send(query)
+            reply = sock.recv(512)
+        except OSError:
+            return False
+    return len(reply) >= 12 and struct.unpack_from("!H", reply)[0] == qid
+
+
+class HttpApi:
+    """A small WSGI app on its own address; routes are looked up in one table."""
+
+    def __init__(self, endpoint: Endpoint, dns_endpoint: Endpoint, is_ready: Callable[[], tuple[bool, str]], log):
+        self.endpoint = endpoint
+        self.dns_endpoint = dns_endpoint
+        self.is_ready = is_ready
+        self.log = log
+        self.routes: dict[str, Callable[[dict], tuple[str, str, bytes]]] = {
+            "/health": self._health,
+            "/healthz": self._health,
+            "/ready": self._ready,
+            "/readyz": self._ready,
+        }
+        self.server = WSGIServer((endpoint.host, endpoint.port), self._app, log=None, error_log=None)
+
+    def add_route(self, path: str, handler: Callable[[dict], tuple[str, str, bytes]]) -> None:
+        """Later features (metrics, cache control) add their pages here."""
+        self.routes[path] = handler
+
+    def start(self) -> None:
+        self.server.start()
+        self.log.info("http_listening", address=str(self.endpoint), paths=sorted(self.routes))
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+    def _app(self, environ: dict, start_response) -> Iterable[bytes]:
+        handler = self.routes.get(environ.get("PATH_INFO", ""))
+        if handler is None:
+            status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
+        else:
+            try:
+                status, content_type, body = handler(environ)
+            except Exception as exc:  # the boundary: a failing page must not take the server down
+                self.log.error("http_handler_failed", path=environ.get("PATH_INFO"), error=repr(exc))
+                status, content_type, body = "500 Internal Server Error", "text/plain", b"error\n"
+        start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def _health(self, environ: dict) -> tuple[str, str, bytes]:
+        if dns_loop_answers(self.dns_endpoint):
+            return "200 OK", "text/plain", b"ok\n"
+        return "503 Service Unavailable", "text/plain", b"dns loop not answering\n"
+
+    def _ready(self, environ: dict) -> tuple[str, str, bytes]:
+        ready, reason = self.is_ready()
+        if ready:
+            return "200 OK", "text/plain", b"ready\n"
+        return "503 Service Unavailable", "text/plain", (reason + "\n").encode()

