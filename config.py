@@ -11,6 +11,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import yaml
+
 ENV_PREFIX = "KUBE_DNS_PROXY_"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53
@@ -33,6 +35,24 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if self.family_is_v6 else f"{self.host}:{self.port}"
+
+
+# Who may query us when --allow is not given: loopback, link-local, private and shared ranges
+# (RFC 1918, RFC 6598, RFC 4193). Anything else gets REFUSED: never an open resolver.
+DEFAULT_ALLOW = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "::1/128",
+        "fe80::/10",
+        "fc00::/7",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,15 @@ class Config:
     dnat_target: Endpoint | None = None
     sync_interval: float = 60.0
     http: Endpoint | None = None
+    summary_interval: float = 60.0
+    no_metrics: bool = False
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = DEFAULT_ALLOW
+    forward: tuple[ForwardZone, ...] = ()
+    prefetch: int = 0
+    prefetch_percent: int = 10
+    prefer_positive: bool = False
+    prefer_positive_grace: float = 30.0
+    config: str | None = None
 
     @property
     def serve_stale(self) -> bool:
@@ -81,6 +110,7 @@ class _Flag:
     parse: object = None  # callable str -> value; None for booleans
     repeatable: bool = False
     metavar: str | None = None
+    env_separator: str | None = None  # between items of a repeatable flag's variable; None: commas or spaces
 
     @property
     def option(self) -> str:
@@ -158,6 +188,13 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("must be a CIDR such as 10.0.0.0/8") from None
+
+
 def _intercept_mode(text: str) -> str:
     mode = text.strip().lower()
     if mode not in ("nodelocal", "dnat", "none"):
@@ -170,6 +207,98 @@ def _ipv4(text: str) -> str:
         return str(ipaddress.IPv4Address(text.strip()))
     except ValueError:
         raise ValueError("must be an IPv4 address") from None
+
+
+def _non_negative_count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 99:
+        raise ValueError("must be 1..99")
+    return value
+
+
+@dataclass(frozen=True)
+class ForwardZone:
+    """One --forward route: queries for `zone` and the names under it go to `upstreams`.
+
+    force_tcp adds to --force-tcp; a TTL bound left None is the global one.
+    """
+
+    zone: str  # lower case, absolute: "cluster.local."
+    upstreams: tuple[Endpoint, ...]
+    force_tcp: bool = False
+    min_ttl: int | None = None
+    max_ttl: int | None = None
+    max_negative_ttl: int | None = None
+
+    @property
+    def zone_wire(self) -> bytes:
+        """The zone in lower-case wire form, as it ends the qname part of a cache key."""
+        labels = [label for label in self.zone.split(".") if label]
+        return b"".join(bytes((len(label),)) + label.encode("ascii") for label in labels) + b"\x00"
+
+    def __str__(self) -> str:
+        words = [self.zone + "=" + ",".join(str(e) for e in self.upstreams)]
+        if self.force_tcp:
+            words.append("force_tcp")
+        words += [f"{name}={getattr(self, name)}" for name in _FORWARD_TTLS if getattr(self, name) is not None]
+        return " ".join(words)
+
+
+_FORWARD_TTLS = ("min_ttl", "max_ttl", "max_negative_ttl")
+_FORWARD_SYNTAX = "ZONE=HOST[:PORT][,HOST...] [force_tcp] [min_ttl=S] [max_ttl=S] [max_negative_ttl=S]"
+
+
+def _zone_name(text: str) -> str:
+    zone = text.strip().lower()
+    if zone != ".":
+        labels = zone.removesuffix(".").split(".")
+        # RFC 1035 §2.3.4: labels of 1-63 octets, 255 octets in all; ASCII only (IDNs in punycode).
+        if (
+            not zone.isascii()
+            or any(not label or len(label) > 63 or any(c.isspace() for c in label) for label in labels)
+            or len(zone) + 2 > 255
+        ):
+            raise ValueError("zone must be a domain name such as cluster.local")
+        zone = ".".join(labels) + "."
+    return zone
+
+
+def parse_forward(text: str) -> ForwardZone:
+    """Parse one --forward value, ZONE=HOST[:PORT][,HOST...] then options separated by spaces.
+
+    Options: force_tcp, min_ttl=S, max_ttl=S, max_negative_ttl=S (dashes allowed for underscores).
+    Raises ValueError with a "must" message.
+    """
+    zone_text, sep, rest = text.strip().partition("=")
+    if not sep or not zone_text.strip():
+        raise ValueError(f"must be {_FORWARD_SYNTAX}")
+    zone = _zone_name(zone_text)
+    hosts: list[Endpoint] = []
+    options: dict[str, object] = {}
+    for word in rest.replace(",", " ").split():
+        name, equals, value = word.partition("=")
+        name = name.lower().replace("-", "_")
+        if not equals and name == "force_tcp":
+            options["force_tcp"] = True
+        elif equals and name in _FORWARD_TTLS:
+            options[name] = _ttl(value)
+        elif equals:
+            raise ValueError("options must be force_tcp, min_ttl=S, max_ttl=S or max_negative_ttl=S")
+        else:
+            try:
+                hosts.append(parse_endpoint(word))
+            except ConfigError as exc:
+                raise ValueError(f"servers must be IP[:PORT] ({exc})") from None
+    if not hosts:
+        raise ValueError(f"must name at least one server: {_FORWARD_SYNTAX}")
+    return ForwardZone(zone, tuple(hosts), **options)  # type: ignore[arg-type]
 
 
 FLAGS: tuple[_Flag, ...] = (
@@ -249,6 +378,55 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("sync_interval", "re-check interception rules and addresses this often", _positive_seconds,
           metavar="SECONDS"),
     _Flag("http", "serve /health and /ready (and more) over HTTP here; none: off", parse_endpoint, metavar="HOST:PORT"),
+    _Flag("no_metrics", "skip the per-qtype, per-rcode and latency counts of cache hits (a few percent faster)"),
+    _Flag(
+        "summary_interval",
+        "log one summary line (queries, hit ratio, stale answers, upstream state) this often; 0: never",
+        _seconds,
+        metavar="SECONDS",
+    ),
+    _Flag(
+        "allow",
+        "client network allowed to query (repeatable); others get REFUSED. Default: loopback, "
+        "link-local, RFC 1918, RFC 6598 and RFC 4193 ranges",
+        _network,
+        True,
+        "CIDR",
+    ),
+    _Flag(
+        "forward",
+        f"route a zone to its own servers (repeatable), the longest zone wins; other names go to --upstream: "
+        f"'{_FORWARD_SYNTAX}'. In the environment, entries are separated by ';'",
+        parse_forward,
+        True,
+        "ZONE=HOST[:PORT]",
+        env_separator=";",
+    ),
+    _Flag(
+        "prefetch",
+        "refresh an entry asked at least N times during its life before it expires; 0: off",
+        _non_negative_count,
+        metavar="N",
+    ),
+    _Flag("prefetch_percent", "prefetch within the last PERCENT of an entry's TTL (1-99)", _percent, metavar="PERCENT"),
+    _Flag(
+        "prefer_positive",
+        "while an upstream is down or just came back, an NXDOMAIN/NODATA does not replace a positive "
+        "answer we hold: the positive one is served (stale if expired)",
+    ),
+    _Flag(
+        "prefer_positive_grace",
+        "how long after an upstream comes back --prefer-positive still holds",
+        _seconds,
+        metavar="SECONDS",
+    ),
+    _Flag(
+        "config",
+        "YAML file of settings (keys are flag names); flags win over it, it wins over the environment; "
+        "re-read when it changes and on SIGHUP",
+        str,
+        metavar="PATH",
+    ),
 )
 
 
@@ -356,24 +534,87 @@ def _fill_upstream_placeholder(text: str, environ: Mapping[str, str]) -> str:
     return f"[{host}]:53" if ":" in host else f"{host}:53"
 
 
+def _split_items(flag: _Flag, raw: str) -> list[str]:
+    """The items of a repeatable flag given as one string (environment variable or file scalar)."""
+    items = raw.split(flag.env_separator) if flag.env_separator else raw.replace(" ", ",").split(",")
+    return [item for item in items if item.strip()]
+
+
+def _read_config_file(path: str) -> dict[str, object]:
+    """The settings of a --config YAML file by Config field, as YAML typed them (not yet converted)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}  # an empty file: no settings
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: must be a mapping of setting: value")
+    by_name = {flag.option[2:].replace("-", "_"): flag for flag in FLAGS}
+    by_name.update({flag.field: flag for flag in FLAGS})
+    settings: dict[str, object] = {}
+    for key, value in data.items():
+        flag = by_name.get(str(key).strip().lower().replace("-", "_"))
+        if flag is None or flag.field == "config":
+            raise ConfigError(f"--config {path}: unknown setting {str(key)!r}")
+        settings[flag.field] = value
+    return settings
+
+
+def _file_value(flag: _Flag, value: object, source: str, environ: Mapping[str, str]) -> object:
+    """One setting of the --config file converted as its flag would be; YAML lists for repeatable flags."""
+    if flag.parse is None:
+        return value if isinstance(value, bool) else _truthy(str(value), source)
+    if value is None:
+        raise ConfigError(f"{source}: a value is needed")
+    if flag.repeatable:
+        if isinstance(value, dict):
+            items = [f"{k}={'' if v is None else v}" for k, v in value.items()]  # forward: {zone: "servers options"}
+        elif isinstance(value, list):
+            items = [str(item) for item in value]
+        else:
+            items = _split_items(flag, str(value))
+        if flag.field == "upstreams":
+            items = [_fill_upstream_placeholder(item, environ) for item in items]
+        return [_convert(flag, item, source) for item in items]
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{source}: expected one value, not a list")
+    return _convert(flag, str(value), source)
+
+
 def build_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Build and validate the Config from command-line flags, falling back to environment variables."""
+    """Build and validate the Config from flags, then the --config file, then environment variables."""
     environ = os.environ if environ is None else environ
     parsed = vars(_build_parser().parse_args(list(argv)))
+    config_path = parsed["config"] or environ.get(ENV_PREFIX + "CONFIG") or None
+    from_file = _read_config_file(config_path) if config_path else {}
     if parsed["upstreams"]:
         parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in parsed["upstreams"]]
-    elif parsed["upstreams"] is None and UPSTREAM_PLACEHOLDER in environ.get(ENV_PREFIX + "UPSTREAM", ""):
+    elif (
+        parsed["upstreams"] is None
+        and "upstreams" not in from_file
+        and UPSTREAM_PLACEHOLDER in environ.get(ENV_PREFIX + "UPSTREAM", "")
+    ):
         raw = environ[ENV_PREFIX + "UPSTREAM"].replace(" ", ",").split(",")
         parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in raw if u]
     values: dict[str, object] = {}
     for flag in FLAGS:
         value = parsed[flag.field]
-        if value is None and flag.env in environ:
+        if value is None and flag.field in from_file:
+            value = _file_value(flag, from_file[flag.field], f"--config {config_path}: {flag.option[2:]}", environ)
+        elif value is None and flag.env in environ:
             raw = environ[flag.env]
             if flag.parse is None:
                 value = _truthy(raw, flag.env)
             elif flag.repeatable:
-                value = [_convert(flag, item, flag.env) for item in raw.replace(" ", ",").split(",") if item]
+                value = [_convert(flag, item, flag.env) for item in _split_items(flag, raw)]
             else:
                 value = _convert(flag, raw, flag.env)
         elif value is not None and flag.parse is not None:
@@ -403,13 +644,30 @@ def _validate(config: Config) -> Config:
                 raise ConfigError(f"--upstream {upstream} is one of our --local-ip addresses (forwarding loop)")
             if _is_own_listen_address(upstream, config.listen):
                 raise ConfigError(f"--upstream {upstream} is one of our own --listen addresses (forwarding loop)")
+        _validate_forward(config)
     else:
         found = read_resolv_conf_nameservers(config.resolv_conf)
         upstreams = tuple(u for u in found if not _is_own_listen_address(u, config.listen))
         if not upstreams:
             raise ConfigError(f"no --upstream given and no usable nameserver in {config.resolv_conf}")
         config = dataclasses.replace(config, upstreams=upstreams)
+        _validate_forward(config)
     return config
+
+
+def _validate_forward(config: Config) -> None:
+    zones: set[str] = set()
+    for route in config.forward:
+        if route.zone in zones:
+            raise ConfigError(f"--forward {route.zone}: zone given twice")
+        zones.add(route.zone)
+        for upstream in route.upstreams:
+            if upstream.host in config.local_ips or _is_own_listen_address(upstream, config.listen):
+                raise ConfigError(f"--forward {route.zone}: {upstream} is one of our own addresses (forwarding loop)")
+        min_ttl = config.min_ttl if route.min_ttl is None else route.min_ttl
+        max_ttl = config.max_ttl if route.max_ttl is None else route.max_ttl
+        if min_ttl > max_ttl:
+            raise ConfigError(f"--forward {route.zone}: min_ttl must not exceed max_ttl")
 
 
 def main_config(argv: Sequence[str] | None = None) -> Config:

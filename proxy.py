@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import struct
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import gevent
@@ -17,12 +19,18 @@ import gevent.subprocess
 import structlog
 from gevent import socket
 from gevent.server import DatagramServer, StreamServer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import config as config_module
+import policy
 import wire
 from cache import AnswerCache, Entry, TtlPolicy, answer_ttl, entry_from_reply
 from config import Config, Endpoint
+from configfile import ConfigReloader
+from control import CacheControl, loopback_only
+from control import cli as control_cli
 from httpapi import HttpApi
+from metrics import HIT_SAMPLE_MASK, Metrics, make_registry
 from netsetup import InterceptError, Interceptor, InterceptSpec
 from persist import CachePersister
 from upstream import UpstreamError, Upstreams
@@ -31,8 +39,9 @@ _U16 = struct.Struct("!H")
 TCP_MAX = 65535
 TCP_PIPELINE = 16  # queries of one TCP connection handled at once (RFC 7766 §6.2.1.1 pipelining)
 LOG_BURST = 10  # error lines per event and window before they are only counted
-MAX_TEMPLATES = 50_000  # parsed queries kept for the hot path (a few MB at most)
+MAX_TEMPLATES = 20_000  # parsed queries kept for the hot path (about 6 MB at most)
 RENDERED_PER_ENTRY = 8  # rendered answers kept per cache entry
+MAX_ACCESS_DECISIONS = 65536  # client addresses whose --allow decision is remembered
 INVALID_TLD = b"\x07invalid\x00"
 IP_FREEBIND = 15  # linux/in.h: bind an address the node does not have yet
 
@@ -69,6 +78,9 @@ class Counters:
         "formerr",
         "notimp",
         "handler_errors",
+        "refused",
+        "prefetches",
+        "negative_held",
     )
 
     def __init__(self) -> None:
@@ -113,14 +125,20 @@ class Resolver:
     ) -> None:
         self.config = config
         self.cache = cache
-        self.upstreams = upstreams
         self.log = log
         self.errors = RateLimitedLog(log)
         self.timer = timer
-        self.policy = TtlPolicy(config.min_ttl, config.max_ttl, config.max_negative_ttl)
+        # Per-zone upstreams and TTL bounds (--forward), chosen on the miss path; swapped on reload.
+        self.router = policy.build_router(config, log, default=upstreams)
+        self.prefetch_window = policy.prefetch_window(config)  # 0.0: prefetch off
         self.counters = Counters()
         self.inflight: dict[bytes, gevent.event.AsyncResult] = {}
         self.templates: dict[bytes, wire.Query] = {}
+        # Cache hits by protocol, qtype and rcode, kept here because hits never reach QueryHandler.
+        self.hit_qtypes: dict[str, dict[int, int]] = {"udp": defaultdict(int), "tcp": defaultdict(int)}
+        self.hit_rcodes: dict[int, int] = defaultdict(int)
+        self.stale_max_age = 0.0
+        self.hit_metrics = not config.no_metrics
         self.fetch_pool = gevent.pool.Pool(config.max_concurrent)
         self.stale_since: float | None = None
         self.stale_in_episode = 0
@@ -146,13 +164,22 @@ class Resolver:
             ttl += 1
         entry.hits += 1
         self.counters.hits += 1
-        rendered = entry.rendered.get(body)
-        if rendered is not None and rendered[0] == ttl:
-            return data[:2] + rendered[1][2:]
+        if self.hit_metrics:
+            self.hit_qtypes["udp"][query.qtype] += 1
+            self.hit_rcodes[entry.rcode] += 1
+        if self.prefetch_window and remaining <= entry.ttl * self.prefetch_window:
+            self._prefetch(query, entry)
+        memo = entry.rendered
+        if memo is None:
+            memo = entry.rendered = {}
+        else:
+            rendered = memo.get(body)
+            if rendered is not None and rendered[0] == ttl:
+                return data[:2] + rendered[1][2:]
         answer = entry.render(query, ttl, query.max_udp, qid=data[:2])
-        if len(entry.rendered) >= RENDERED_PER_ENTRY:
-            entry.rendered.clear()  # many spellings of one question (0x20 case): keep it bounded
-        entry.rendered[body] = (ttl, answer)
+        if len(memo) >= RENDERED_PER_ENTRY:
+            memo.clear()  # many spellings of one question (0x20 case): keep it bounded
+        memo[body] = (ttl, answer)
         return answer
 
     def remember(self, data: bytes, query: wire.Query) -> None:
@@ -162,7 +189,7 @@ class Resolver:
             templates.clear()  # bounded; refills with what clients ask now
         templates[data[2:]] = query
 
-    def answer_fresh(self, query: wire.Query, max_size: int) -> bytes | None:
+    def answer_fresh(self, query: wire.Query, max_size: int, proto: str = "udp") -> bytes | None:
         """The answer from a fresh cache entry for a parsed query, or None when the full path is needed."""
         entry = self.cache.lookup(query.key)
         if entry is None:
@@ -172,29 +199,39 @@ class Resolver:
             return None
         entry.hits += 1
         self.counters.hits += 1
+        self.hit_qtypes[proto][query.qtype] += 1
+        self.hit_rcodes[entry.rcode] += 1
+        if self.prefetch_window and entry.expires_at - now <= entry.ttl * self.prefetch_window:
+            self._prefetch(query, entry)
         return entry.render(query, answer_ttl(entry, now), max_size)
 
     def resolve(self, query: wire.Query, max_size: int) -> bytes:
         """The answer for a query that may need the upstream; never raises for upstream trouble."""
+        return self.resolve_outcome(query, max_size)[0]
+
+    def resolve_outcome(self, query: wire.Query, max_size: int) -> tuple[bytes, str]:
+        """The answer and how it was found: hit, stale (the entry was stale on arrival), miss or local."""
         if query.key[:-5].endswith(INVALID_TLD):
             # RFC 6761 §6.4: never sent upstream. Also what the health checks ask, so they do not
             # depend on kube-dns.
-            return wire.error_response(query.wire, wire.NXDOMAIN, query)
+            return wire.error_response(query.wire, wire.NXDOMAIN, query), "local"
         now = self.timer()
         entry = self.cache.lookup(query.key)
         if entry is not None:
             if entry.expires_at > now:
                 entry.hits += 1
                 self.counters.hits += 1
-                return entry.render(query, answer_ttl(entry, now), max_size)
+                if self.prefetch_window and entry.expires_at - now <= entry.ttl * self.prefetch_window:
+                    self._prefetch(query, entry)
+                return entry.render(query, answer_ttl(entry, now), max_size), "hit"
             if self.config.serve_stale and entry.stale_for(now) <= self.config.max_stale:
-                return self._stale_path(query, entry, now, max_size)
+                return self._stale_path(query, entry, now, max_size), "stale"
         self.counters.misses += 1
-        return self._miss_path(query, max_size)
+        return self._miss_path(query, max_size), "miss"
 
     def _miss_path(self, query: wire.Query, max_size: int) -> bytes:
         pending = self._fetch(query)
-        if pending is None or self.upstreams.all_down():
+        if pending is None or self.router.route_for(query.key).upstreams.all_down():
             # Known down: SERVFAIL at once; the fetch started above still tries and ends the outage.
             return self._servfail(query)
         pending.wait(self.config.deadline)
@@ -205,7 +242,7 @@ class Resolver:
         return self._servfail(query)
 
     def _stale_path(self, query: wire.Query, entry: Entry, now: float, max_size: int) -> bytes:
-        if entry.retry_after > now or self.upstreams.all_down():
+        if entry.retry_after > now or self.router.route_for(query.key).upstreams.all_down():
             # RFC 8767 §5: after a failure, answer stale at once and recheck at most every
             # failure_recheck seconds, in the background.
             if entry.retry_after <= now:
@@ -230,13 +267,14 @@ class Resolver:
         now = self.timer()
         self.last_stale_at = now
         self.stale_in_episode += 1
+        self.stale_max_age = max(self.stale_max_age, entry.stale_for(now))
         if self.stale_since is None:
             self.stale_since = now
             self.log.warning(
                 "stale_serving_started",
                 qname=query.qname,
                 stale_seconds=round(entry.stale_for(now), 1),
-                upstreams_down=[str(s.endpoint) for s in self.upstreams.servers if s.down],
+                upstreams_down=[str(s.endpoint) for s in self.router.route_for(query.key).upstreams.servers if s.down],
             )
         return entry.render(query, self.config.stale_ttl, max_size, stale=True)
 
@@ -244,6 +282,29 @@ class Resolver:
         self.counters.servfail += 1
         ede = wire.EDE_NO_REACHABLE_AUTHORITY if query.edns else None
         return wire.error_response(query.wire, wire.SERVFAIL, query, ede)
+
+    @property
+    def upstreams(self) -> Upstreams:
+        """The default route's upstreams (--upstream)."""
+        return self.router.default.upstreams
+
+    @property
+    def policy(self) -> TtlPolicy:
+        """The default route's TTL bounds."""
+        return self.router.default.policy
+
+    def _prefetch(self, query: wire.Query, entry: Entry) -> None:
+        """Refresh a popular entry in its last --prefetch-percent of TTL (CoreDNS cache prefetch).
+
+        One try per --failure-recheck: retry_after marks the try, so the hits that follow a failed
+        prefetch do not each send one; a successful one replaces the entry (hits start again at 0).
+        """
+        now = self.timer()
+        if entry.hits < self.config.prefetch or entry.retry_after > now:
+            return
+        entry.retry_after = now + self.config.failure_recheck
+        if self._fetch(query) is not None:
+            self.counters.prefetches += 1
 
     def _fetch(self, query: wire.Query) -> gevent.event.AsyncResult | None:
         """The pending upstream answer for this key: joined if one is in flight, else started."""
@@ -261,8 +322,17 @@ class Resolver:
 
     def _run_fetch(self, key: bytes, question: bytes, do: bool, cd: bool, pending) -> None:
         try:
-            reply = self.upstreams.query(question, do, cd)
-            fresh, cacheable = entry_from_reply(reply, self.policy, self.timer())
+            route = self.router.route_for(key)
+            reply = route.upstreams.query(question, do, cd)
+            now = self.timer()
+            fresh, cacheable = entry_from_reply(reply, route.policy, now)
+            if self.config.prefer_positive and policy.keeps_positive(
+                self.config, route, self.cache.lookup(key), fresh, now
+            ):
+                # The upstream is in trouble and denies a name we know: keep ours (--prefer-positive).
+                self.counters.negative_held += 1
+                pending.set_exception(UpstreamError("negative_held"))
+                return
             if cacheable:
                 # A fresh NOERROR or NXDOMAIN replaces a stale entry (RFC 8767 §4).
                 self.cache.store(key, fresh)
@@ -291,13 +361,45 @@ class Resolver:
             )
             self.stale_since = None
             self.stale_in_episode = 0
+            self.stale_max_age = 0.0
+
+
+class AccessList:
+    """Which client addresses may query (--allow); decisions are kept per address, bounded."""
+
+    def __init__(self, networks: tuple) -> None:
+        self.networks = networks
+        self.decisions: dict[str, bool] = {}
+
+    def decide(self, host: str) -> bool:
+        """The slow path of the check: match the address against the networks and remember it."""
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        allowed = any(address in network for network in self.networks if network.version == address.version)
+        if len(self.decisions) >= MAX_ACCESS_DECISIONS:
+            self.decisions.clear()
+        self.decisions[host] = allowed
+        return allowed
 
 
 class QueryHandler:
     """What both servers share: parse, answer a fresh hit inline, hand the rest to a bounded pool."""
 
-    def __init__(self, resolver: Resolver, pool: gevent.pool.Pool, log, log_queries: bool) -> None:
+    def __init__(
+        self,
+        resolver: Resolver,
+        pool: gevent.pool.Pool,
+        log,
+        log_queries: bool,
+        access: AccessList,
+        metrics: Metrics,
+    ) -> None:
         self.resolver = resolver
+        self.access = access
+        self.metrics = metrics
+        self.sample_latency = resolver.hit_metrics
         self.pool = pool
         self.counters = resolver.counters
         self.errors = resolver.errors
@@ -319,6 +421,7 @@ class QueryHandler:
                 self.log.debug("query_dropped", reason=str(exc))
             return None, None
         except wire.BadQuery as exc:
+            self.metrics.responses[exc.rcode] += 1
             if exc.rcode == wire.NOTIMP:
                 counters.notimp += 1
             else:
@@ -327,14 +430,27 @@ class QueryHandler:
                 self.log.debug("query_refused", reason=exc.reason, rcode=exc.rcode)
             return None, wire.error_response(data, exc.rcode, exc.query)
 
-    def resolve(self, query: wire.Query, max_size: int) -> bytes:
+    def refuse(self, data: bytes) -> bytes | None:
+        """REFUSED for a client outside --allow (nothing for packets that get no answer at all)."""
+        self.counters.refused += 1
+        query, answer = self.parse(data)
+        if query is not None:
+            self.metrics.responses[wire.REFUSED] += 1
+            return wire.error_response(data, wire.REFUSED, query)
+        return answer
+
+    def resolve(self, query: wire.Query, max_size: int, proto: str, started: float) -> bytes:
         """Full path with the error ladder: a failure becomes SERVFAIL and one (rate-limited) log line."""
+        metrics = self.metrics
+        metrics.queries[(proto, query.qtype)] += 1
         try:
-            answer = self.resolver.resolve(query, max_size)
+            answer, outcome = self.resolver.resolve_outcome(query, max_size)
         except Exception as exc:
             self.counters.handler_errors += 1
             self.errors.error("handler_failed", error=repr(exc), qtype=query.qtype)
-            return wire.error_response(query.wire, wire.SERVFAIL, query)
+            answer, outcome = wire.error_response(query.wire, wire.SERVFAIL, query), "error"
+        metrics.responses[answer[3] & 0xF] += 1
+        metrics.answer_latency[outcome].observe(time.perf_counter() - started)
         if self.log_queries:
             self.log.debug("query", qname=query.qname, qtype=query.qtype, rcode=answer[3] & 0xF, size=len(answer))
         return answer
@@ -367,12 +483,26 @@ class DnsUdpServer(DatagramServer):
     def handle_datagram(self, data: bytes, address) -> None:
         handler = self.handler
         try:
+            allowed = handler.access.decisions.get(address[0])
+            if allowed is None:
+                allowed = handler.access.decide(address[0])
+            if not allowed:
+                answer = handler.refuse(data)
+                if answer is not None:
+                    self._send(answer, address)
+                return
+            counters = handler.counters
+            sampled = handler.sample_latency and not counters.queries & HIT_SAMPLE_MASK
+            if sampled:
+                started = time.perf_counter()
             answer = handler.resolver.answer_fresh_udp(data)
             if answer is not None:
-                handler.counters.queries += 1
+                counters.queries += 1
                 if handler.log_queries:
                     handler.log.debug("query", size=len(data), cache="hit")
                 self._send(answer, address)
+                if sampled:
+                    handler.metrics.answer_latency["hit"].observe(time.perf_counter() - started)
                 return
             query, answer = handler.parse(data)
             if query is not None:
@@ -382,7 +512,7 @@ class DnsUdpServer(DatagramServer):
                     if handler.pool.full():
                         handler.counters.dropped_overload += 1
                         return
-                    handler.pool.spawn(self._resolve_and_send, query, address)
+                    handler.pool.spawn(self._resolve_and_send, query, address, time.perf_counter())
                     return
                 if handler.log_queries:
                     handler.log.debug("query", qname=query.qname, qtype=query.qtype, cache="hit")
@@ -392,9 +522,9 @@ class DnsUdpServer(DatagramServer):
             handler.counters.handler_errors += 1
             handler.errors.error("udp_handler_failed", error=repr(exc))
 
-    def _resolve_and_send(self, query: wire.Query, address) -> None:
+    def _resolve_and_send(self, query: wire.Query, address, started: float) -> None:
         try:
-            self._send(self.handler.resolve(query, query.max_udp), address)
+            self._send(self.handler.resolve(query, query.max_udp, "udp", started), address)
         except Exception as exc:
             self.handler.errors.error("udp_handler_failed", error=repr(exc))
 
@@ -418,13 +548,15 @@ class DnsTcpServer(StreamServer):
 
     def handle_connection(self, sock, address) -> None:
         try:
-            self._serve(sock)
+            host = address[0]
+            allowed = self.handler.access.decisions.get(host)
+            self._serve(sock, allowed if allowed is not None else self.handler.access.decide(host))
         except Exception as exc:
             self.handler.errors.error("tcp_handler_failed", error=repr(exc))
         finally:
             sock.close()
 
-    def _serve(self, sock) -> None:
+    def _serve(self, sock, allowed: bool) -> None:
         handler = self.handler
         sock.settimeout(self.idle_timeout)
         write_lock = gevent.lock.Semaphore()
@@ -449,11 +581,16 @@ class DnsTcpServer(StreamServer):
                 data = _recv_exact(sock, length) if length else None
                 if data is None:
                     break
+                if not allowed:
+                    answer = handler.refuse(data)
+                    if answer is not None:
+                        _send_framed(sock, write_lock, answer)
+                    continue
                 query, answer = handler.parse(data)
                 if query is not None:
-                    answer = handler.resolver.answer_fresh(query, TCP_MAX)
+                    answer = handler.resolver.answer_fresh(query, TCP_MAX, "tcp")
                     if answer is None:
-                        pipeline.spawn(self._resolve_and_send, sock, write_lock, query)
+                        pipeline.spawn(self._resolve_and_send, sock, write_lock, query, time.perf_counter())
                         continue
                 if answer is not None:
                     _send_framed(sock, write_lock, answer)
@@ -461,9 +598,9 @@ class DnsTcpServer(StreamServer):
             pass  # reset or stalled client: drop the connection
         pipeline.join(timeout=handler.resolver.config.deadline + 1)
 
-    def _resolve_and_send(self, sock, write_lock, query: wire.Query) -> None:
+    def _resolve_and_send(self, sock, write_lock, query: wire.Query, started: float) -> None:
         try:
-            _send_framed(sock, write_lock, self.handler.resolve(query, TCP_MAX))
+            _send_framed(sock, write_lock, self.handler.resolve(query, TCP_MAX, "tcp", started))
         except (OSError, TimeoutError):
             pass
         except Exception as exc:
@@ -531,10 +668,20 @@ class Proxy:
         self.config = config
         self.log = log
         self.cache = AnswerCache(config.cache_size)
-        self.upstreams = Upstreams(config.upstreams, config.upstream_timeout, config.deadline, config.force_tcp, log)
+        self.metrics = Metrics()
+        self.upstreams = Upstreams(
+            config.upstreams,
+            config.upstream_timeout,
+            config.deadline,
+            config.force_tcp,
+            log,
+            on_result=self.metrics.on_upstream_result,
+        )
         self.resolver = Resolver(config, self.cache, self.upstreams, log)
         self.pool = gevent.pool.Pool(config.max_concurrent)
-        self.handler = QueryHandler(self.resolver, self.pool, log, config.log_queries)
+        self.handler = QueryHandler(
+            self.resolver, self.pool, log, config.log_queries, AccessList(config.allow), self.metrics
+        )
         self.servers: list[DatagramServer | StreamServer] = []
         self.background: list[gevent.Greenlet] = []
         self.stopping = gevent.event.Event()
@@ -557,6 +704,11 @@ class Proxy:
         self.http: HttpApi | None = None
         if config.http is not None:
             self.http = HttpApi(config.http, config.listen[0], self.readiness, log)
+            registry = make_registry(self, self.metrics)
+            self.http.add_route("/metrics", lambda environ: ("200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)))
+            control = CacheControl(self.cache, time.monotonic, log)
+            self.http.add_route("/cache", loopback_only(control.show))
+            self.http.add_route("/cache/purge", loopback_only(control.purge))
 
     def start(self) -> None:
         """Load the cache, bind, serve, then set up interception (NodeLocal DNSCache's order).
@@ -577,7 +729,7 @@ class Proxy:
             self.log.info("listening", address=str(bound), protocols=["udp", "tcp"])
         for server in self.servers:
             server.start()
-        self.background.append(gevent.spawn(self.upstreams.run_prober, self.config.failure_recheck))
+        self.background.append(gevent.spawn(policy.run_prober, self.resolver))
         self.background.append(gevent.spawn(self._housekeeping))
         if self.persister is not None:
             self.persister.start(self.config.save_interval)
@@ -592,6 +744,26 @@ class Proxy:
         if self.http is not None:
             self.http.start()  # after the addresses: it may listen on the link-local one
         self.serving = True
+
+    def upstream_groups(self) -> list[Upstreams]:
+        """Every set of upstreams the proxy forwards to (for probing, metrics and the summary)."""
+        return self.resolver.router.all_upstreams()
+
+    def reconfigure(self, config: Config) -> None:
+        """Swap in a reloaded Config whose restart-only settings are the running ones (configfile.py).
+
+        The cache and the sockets stay; new routes keep the health of unchanged upstreams. Nothing
+        here yields, so no query sees half of the change.
+        """
+        resolver = self.resolver
+        resolver.router = policy.build_router(config, self.log, previous=resolver.router)
+        resolver.prefetch_window = policy.prefetch_window(config)
+        resolver.config = config
+        self.handler.log_queries = config.log_queries
+        if config.allow != self.config.allow:
+            self.handler.access = AccessList(config.allow)
+        self.upstreams = resolver.router.default.upstreams
+        self.config = config
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once the cache is loaded, the sockets serve and interception (if any) is in place."""
@@ -608,9 +780,34 @@ class Proxy:
             self.rules_ok = self.interceptor.rules_present() if restored else True
 
     def _housekeeping(self) -> None:
+        last_summary = time.monotonic()
+        previous = self.resolver.counters.as_dict()
         while True:
             gevent.sleep(1.0)
             self.resolver.report_stale_episode()
+            interval = self.config.summary_interval
+            if interval and time.monotonic() - last_summary >= interval:
+                last_summary = time.monotonic()
+                previous = self._log_summary(previous)
+
+    def _log_summary(self, previous: dict[str, int]) -> dict[str, int]:
+        """One line per interval for cluster logging: what happened since the last one."""
+        now = self.resolver.counters.as_dict()
+        delta = {name: now[name] - previous.get(name, 0) for name in now}
+        answered_from_cache = delta["hits"] + delta["stale_served"]
+        lookups = answered_from_cache + delta["misses"]
+        fresh, stale = self.cache.counts(time.monotonic())
+        self.log.info(
+            "summary",
+            queries=delta["queries"],
+            hit_ratio=round(answered_from_cache / lookups, 3) if lookups else None,
+            stale_served=delta["stale_served"],
+            servfail=delta["servfail"],
+            cache_entries=fresh + stale,
+            cache_stale_entries=stale,
+            upstreams_down=[str(s.endpoint) for g in self.upstream_groups() for s in g.servers if s.down],
+        )
+        return now
 
     def stop(self) -> None:
         """Stop accepting, let in-flight queries finish within the grace time, then stop everything."""
@@ -653,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         import watchdog
 
         return watchdog.main(argv[1:])
+    if argv[:1] == ["cache"]:
+        return control_cli(argv[1:])
     config = config_module.main_config(argv)
     log = configure_logging(config.log_level)
     log.info("starting", config=config_module.describe(config))
@@ -663,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     gevent.signal_handler(signal.SIGINT, stop.set)
     try:
         proxy = Proxy(config, log)
+        reloader = ConfigReloader(argv, proxy, log)  # notes the --config file as read, before serving
         proxy.start()
     except OSError as exc:
         log.error("bind_failed", error=str(exc))
@@ -670,8 +870,10 @@ def main(argv: list[str] | None = None) -> int:
     except InterceptError as exc:
         log.error("intercept_failed", error=str(exc))
         return 1
+    reloader.start()  # --config changes and SIGHUP apply settings live, without dropping the cache
     stop.wait()
-    log.info("stopping", grace_seconds=config.grace)
+    reloader.stop()
+    log.info("stopping", grace_seconds=proxy.config.grace)
     proxy.stop()
     return 0
 

@@ -7,6 +7,7 @@ and a random ID per try, and a reply is taken only from the server asked, with o
 from __future__ import annotations
 
 import errno
+import math
 import secrets
 import struct
 import time
@@ -40,6 +41,7 @@ class Server:
     failures: int = 0
     down: bool = False
     down_since: float = 0.0
+    up_since: float = -math.inf  # monotonic time it was last marked up again after being down
     queries: int = 0
     results: dict[str, int] = field(default_factory=dict)
 
@@ -190,6 +192,7 @@ class Upstreams:
         server.failures = 0
         if server.down:
             server.down = False
+            server.up_since = time.monotonic()
             self.log.info(
                 "upstream_up",
                 upstream=str(server.endpoint),

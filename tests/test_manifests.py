@@ -157,12 +157,11 @@ class TestManifestContent:
 
     @pytest.mark.parametrize(("probe", "path"), [("livenessProbe", "/health"), ("readinessProbe", "/ready")])
     def test_probes_hit_the_http_setting(self, probe: str, path: str) -> None:
-        """Liveness and readiness probe the address and port of KUBE_DNS_PROXY_HTTP."""
+        """Liveness and readiness probe the port of KUBE_DNS_PROXY_HTTP (all addresses: the pod's, the node's)."""
         http_get = container("kube-dns-proxy")[probe]["httpGet"]
-        assert (f"{http_get['host']}:{http_get['port']}", http_get["path"]) == (
-            config()["KUBE_DNS_PROXY_HTTP"],
-            path,
-        )
+        host, port = config()["KUBE_DNS_PROXY_HTTP"].rsplit(":", 1)
+        assert host == "0.0.0.0" and "host" not in http_get
+        assert (str(http_get["port"]), http_get["path"]) == (port, path)
 
     def test_watchdog_probes_first_local_ip(self) -> None:
         """The watchdog queries the proxy on the first local IP, port 53."""

@@ -251,6 +251,16 @@ class TestPersister:
         assert entry.hits == 7
         assert log.events() == ["cache_loaded"]
 
+    def test_save_keeps_lru_order(self, tmp_path):
+        """An entry looked up before the save comes back as the most recently used."""
+        saver, cache, _ = self.make(tmp_path / "cache", mono=10.0, wall=SAVED_AT)
+        first, second, third = self.fill(cache, 3)
+        cache.lookup(first)
+        assert saver.save()
+        loader, loaded, _ = self.make(tmp_path / "cache", mono=10.0, wall=SAVED_AT)
+        loader.load()
+        assert records_in_order(loaded) == [second, third, first]
+
     def test_file_private_and_no_temporary_left(self, tmp_path):
         """The file is mode 0600 and the temporary file is gone after the rename."""
         saver, cache, _ = self.make(tmp_path / "cache", mono=10.0, wall=SAVED_AT)

@@ -1,0 +1,191 @@
+"""Prometheus metrics: plain counters kept by the query path, turned into metric families at scrape time.
+
+The query path only adds to ints and dicts (a cache hit pays a few dict increments); everything
+prometheus_client does happens when /metrics is scraped. Names carry one prefix and base units.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+PREFIX = "kube_dns_proxy_"
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+QTYPE_NAMES = {
+    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
+    35: "NAPTR", 64: "SVCB", 65: "HTTPS", 255: "ANY",
+}  # fmt: skip
+# Seconds; the low buckets resolve cache hits, the high ones upstream timeouts (as CoreDNS's).
+LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+HIT_SAMPLE_MASK = 63  # the answer latency of one cache hit in 64 is measured: a clock read costs
+
+
+class Histogram:
+    """A fixed-bucket histogram as two lists: cheap to observe, turned into a family at scrape."""
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            total += count
+            out.append((repr(bound), total))
+        out.append(("+Inf", total + self.counts[-1]))
+        return out
+
+
+def qtype_name(qtype: int) -> str:
+    return QTYPE_NAMES.get(qtype, "other")
+
+
+def rcode_name(rcode: int) -> str:
+    return RCODE_NAMES.get(rcode, str(rcode))
+
+
+class Metrics:
+    """Everything /metrics shows that the counters of the query path do not already hold."""
+
+    def __init__(self) -> None:
+        self.queries: dict[tuple[str, int], int] = defaultdict(int)  # (proto, qtype)
+        self.responses: dict[int, int] = defaultdict(int)  # rcode
+        self.answer_latency: dict[str, Histogram] = defaultdict(Histogram)  # cache outcome
+        self.upstream_results: dict[tuple[str, str, str], int] = defaultdict(int)  # (server, proto, result)
+        self.upstream_latency: dict[str, Histogram] = defaultdict(Histogram)  # server
+
+    def on_upstream_result(self, server, protocol: str, result: str, seconds: float) -> None:
+        """Hook for upstream.Upstreams: one call per try."""
+        name = str(server.endpoint)
+        self.upstream_results[(name, protocol, result)] += 1
+        if result in ("ok", "servfail"):
+            self.upstream_latency[name].observe(seconds)
+
+
+class ProxyCollector:
+    """A prometheus_client collector reading the live proxy when scraped."""
+
+    def __init__(self, proxy, metrics: Metrics, timer: Callable[[], float] = time.monotonic) -> None:
+        self.proxy = proxy
+        self.metrics = metrics
+        self.timer = timer
+
+    def collect(self) -> Iterator:
+        proxy, m = self.proxy, self.metrics
+        counters = proxy.resolver.counters
+        resolver = proxy.resolver
+
+        queries = CounterMetricFamily(PREFIX + "queries", "DNS queries received, by protocol and qtype.",
+                                      labels=["proto", "qtype"])  # fmt: skip
+        merged: dict[tuple[str, str], int] = defaultdict(int)
+        for (proto, qtype), count in list(m.queries.items()):
+            merged[(proto, qtype_name(qtype))] += count
+        for proto, by_qtype in resolver.hit_qtypes.items():
+            for qtype, count in list(by_qtype.items()):
+                merged[(proto, qtype_name(qtype))] += count
+        for (proto, qtype), count in sorted(merged.items()):
+            queries.add_metric([proto, qtype], count)
+        yield queries
+
+        responses = CounterMetricFamily(PREFIX + "responses", "DNS responses sent, by rcode.", labels=["rcode"])
+        merged_rcodes: dict[str, int] = defaultdict(int)
+        for rcode, count in list(m.responses.items()):
+            merged_rcodes[rcode_name(rcode)] += count
+        for rcode, count in list(resolver.hit_rcodes.items()):
+            merged_rcodes[rcode_name(rcode)] += count
+        for rcode, count in sorted(merged_rcodes.items()):
+            responses.add_metric([rcode], count)
+        yield responses
+
+        dropped = CounterMetricFamily(PREFIX + "dropped", "Packets dropped without an answer, by reason.",
+                                      labels=["reason"])  # fmt: skip
+        dropped.add_metric(["malformed"], counters.dropped_malformed)
+        dropped.add_metric(["qr"], counters.dropped_qr)
+        dropped.add_metric(["overload"], counters.dropped_overload)
+        yield dropped
+
+        refused = CounterMetricFamily(PREFIX + "refused_clients", "Queries refused by the --allow access list.")
+        refused.add_metric([], counters.refused)
+        yield refused
+
+        hits = CounterMetricFamily(PREFIX + "cache_hits", "Queries answered from the cache, by entry state.",
+                                   labels=["state"])  # fmt: skip
+        hits.add_metric(["fresh"], counters.hits)
+        hits.add_metric(["stale"], counters.stale_served)
+        yield hits
+        misses = CounterMetricFamily(PREFIX + "cache_misses", "Queries for names not in the cache.")
+        misses.add_metric([], counters.misses)
+        yield misses
+        stale = CounterMetricFamily(PREFIX + "stale_answers", "Stale answers served (RFC 8767).")
+        stale.add_metric([], counters.stale_served)
+        yield stale
+        stale_age = GaugeMetricFamily(
+            PREFIX + "stale_answer_max_age_seconds",
+            "How long past expiry the stalest answer served in the current stale episode was (0: none).",
+        )
+        stale_age.add_metric([], resolver.stale_max_age if resolver.stale_since is not None else 0.0)
+        yield stale_age
+
+        cache = proxy.cache
+        fresh_count, stale_count = cache.counts(self.timer())
+        entries = GaugeMetricFamily(PREFIX + "cache_entries", "Cache entries, by state.", labels=["state"])
+        entries.add_metric(["fresh"], fresh_count)
+        entries.add_metric(["stale"], stale_count)
+        yield entries
+        capacity = GaugeMetricFamily(PREFIX + "cache_capacity_entries", "Cache capacity (--cache-size).")
+        capacity.add_metric([], cache.maxsize)
+        yield capacity
+        evictions = CounterMetricFamily(PREFIX + "cache_evictions", "Entries evicted for capacity (never for age).")
+        evictions.add_metric([], cache.evictions)
+        yield evictions
+        inserts = CounterMetricFamily(PREFIX + "cache_inserts", "Entries stored or replaced.")
+        inserts.add_metric([], cache.inserts)
+        yield inserts
+        coalesced = CounterMetricFamily(PREFIX + "coalesced", "Queries that joined an upstream query in flight.")
+        coalesced.add_metric([], counters.coalesced)
+        yield coalesced
+
+        upstream = CounterMetricFamily(PREFIX + "upstream_queries", "Tries sent upstream, by server, protocol, result.",
+                                       labels=["upstream", "proto", "result"])  # fmt: skip
+        for (server, proto, result), count in sorted(m.upstream_results.items()):
+            upstream.add_metric([server, proto, result], count)
+        yield upstream
+        up = GaugeMetricFamily(PREFIX + "upstream_up", "1 while the upstream is healthy, 0 while marked down.",
+                               labels=["upstream"])  # fmt: skip
+        for group in proxy.upstream_groups():
+            for server in group.servers:
+                up.add_metric([str(server.endpoint)], 0 if server.down else 1)
+        yield up
+        yield _histogram_family(PREFIX + "upstream_duration_seconds", "Time of answered upstream tries.",
+                                "upstream", m.upstream_latency)  # fmt: skip
+        yield _histogram_family(
+            PREFIX + "answer_duration_seconds",
+            "Time from query in to answer out, by cache outcome (hits sampled 1 in 64).",
+            "cache",
+            m.answer_latency,
+        )
+
+
+def _histogram_family(name: str, documentation: str, label: str, histograms: dict[str, Histogram]):
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    for value, histogram in sorted(histograms.items()):
+        family.add_metric([value], histogram.cumulative(), sum_value=histogram.sum)
+    return family
+
+
+def make_registry(proxy, metrics: Metrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(proxy, metrics))
+    return registry
