@@ -135,12 +135,9 @@ def entry_from_reply(reply: bytes, policy: TtlPolicy, now: float) -> tuple[Entry
         cacheable = False
     stored = reply
     if scan.opt_start is not None:
-        if scan.opt_is_last:
-            arcount = scan.arcount - 1
-            stored = reply[:10] + _U16.pack(arcount) + reply[12 : scan.opt_start]
-        else:
-            cacheable = False
-            stored = reply
+        # Cut from the OPT on: records after it (rare) are optional additional data, and cutting
+        # keeps every compression pointer before the cut valid.
+        stored = reply[:10] + _U16.pack(scan.opt_index) + reply[12 : scan.opt_start]
     rcode = scan.rcode
     ttl = 0
     if rcode == wire.NOERROR and scan.ancount:
@@ -155,8 +152,16 @@ def entry_from_reply(reply: bytes, policy: TtlPolicy, now: float) -> tuple[Entry
     else:
         cacheable = False
     if not cacheable:
-        # Sent once, as it came, minus our OPT (rebuilt for the client).
-        return Entry(stored, (), 0, now), False
+        # Sent once, as it came, minus its OPT (ours is made for the client).
+        entry = Entry(stored, (), 0, now)
+        if scan.ext_rcode:
+            # The OPT held the upper rcode bits (RFC 6891 §6.1.3): never pass the low bits alone
+            # as NOERROR; callers answer anything but NOERROR/NXDOMAIN with SERVFAIL.
+            entry.rcode = (scan.ext_rcode << 4) | scan.rcode
+            stored = bytearray(stored)
+            stored[3] = (stored[3] & 0xF0) | wire.SERVFAIL
+            entry.wire = bytes(stored)
+        return entry, False
     offsets = tuple(o for o in scan.ttl_offsets if o < len(stored))
     return Entry(stored, offsets, ttl, now), True
 

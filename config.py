@@ -79,12 +79,14 @@ class Config:
     max_tcp_connections: int = 256
     tcp_idle_timeout: float = 10.0
     grace: float = 3.0
+    handover_timeout: float = 10.0
     log_level: str = "info"
     log_queries: bool = False
     intercept: str = "none"
     local_ips: tuple[str, ...] = ()
     dnat_target: Endpoint | None = None
     sync_interval: float = 60.0
+    state_dir: str = "/run/kube-dns-proxy"
     http: Endpoint | None = None
     summary_interval: float = 60.0
     no_metrics: bool = False
@@ -358,6 +360,12 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("max_tcp_connections", "client TCP connections open at once", _count, metavar="N"),
     _Flag("tcp_idle_timeout", "close an idle client TCP connection after", _positive_seconds, metavar="SECONDS"),
     _Flag("grace", "on SIGTERM, time in-flight queries get to finish", _seconds, metavar="SECONDS"),
+    _Flag(
+        "handover_timeout",
+        "on SIGTERM, keep serving up to this long while a successor on the node is still starting",
+        _seconds,
+        metavar="SECONDS",
+    ),
     _Flag("log_level", "debug, info, warning or error", _log_level, metavar="LEVEL"),
     _Flag("log_queries", "log one debug line per query (needs --log-level debug)"),
     _Flag(
@@ -377,6 +385,12 @@ FLAGS: tuple[_Flag, ...] = (
           metavar="HOST:PORT"),
     _Flag("sync_interval", "re-check interception rules and addresses this often", _positive_seconds,
           metavar="SECONDS"),
+    _Flag(
+        "state_dir",
+        "directory where instances on one node register, to share the interception during a takeover",
+        str,
+        metavar="PATH",
+    ),
     _Flag("http", "serve /health and /ready (and more) over HTTP here; none: off", parse_endpoint, metavar="HOST:PORT"),
     _Flag("no_metrics", "skip the per-qtype, per-rcode and latency counts of cache hits (a few percent faster)"),
     _Flag(

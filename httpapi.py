@@ -33,6 +33,24 @@ def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
     return len(reply) >= 12 and struct.unpack_from("!H", reply)[0] == qid
 
 
+class _SharedPortWSGIServer(WSGIServer):
+    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port (issue 9)."""
+
+    @classmethod
+    def get_listener(cls, address, backlog=None, family=None):
+        sock = socket.socket(family or socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(backlog or cls.backlog or 128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+
 class HttpApi:
     """A small WSGI app on its own address; routes are looked up in one table."""
 
@@ -47,7 +65,7 @@ class HttpApi:
             "/ready": self._ready,
             "/readyz": self._ready,
         }
-        self.server = WSGIServer((endpoint.host, endpoint.port), self._app, log=None, error_log=None)
+        self.server = _SharedPortWSGIServer((endpoint.host, endpoint.port), self._app, log=None, error_log=None)
 
     def add_route(self, path: str, handler: Callable[[dict], tuple[str, str, bytes]]) -> None:
         """Later features (metrics, cache control) add their pages here."""

@@ -168,6 +168,9 @@ class ProxyCollector:
             for server in group.servers:
                 up.add_metric([str(server.endpoint)], 0 if server.down else 1)
         yield up
+        persister = getattr(proxy, "persister", None)
+        if persister is not None:
+            yield from _persistence_families(persister)
         yield _histogram_family(PREFIX + "upstream_duration_seconds", "Time of answered upstream tries.",
                                 "upstream", m.upstream_latency)  # fmt: skip
         yield _histogram_family(
@@ -176,6 +179,25 @@ class ProxyCollector:
             "cache",
             m.answer_latency,
         )
+
+
+def _persistence_families(persister) -> Iterator:
+    """The cache file (issue 6): saves, the last save's size and duration, what the start loaded."""
+    saves = CounterMetricFamily(PREFIX + "cache_saves", "Snapshots of the cache written to --cache-file, by result.",
+                                labels=["result"])  # fmt: skip
+    saves.add_metric(["ok"], persister.saves)
+    saves.add_metric(["failed"], persister.save_failures)
+    yield saves
+    for name, documentation, value in (
+        ("cache_file_bytes", "Size of the last snapshot written.", persister.last_save_bytes),
+        ("cache_saved_entries", "Entries in the last snapshot written.", persister.last_save_entries),
+        ("cache_save_duration_seconds", "Time the last snapshot took.", persister.last_save_seconds),
+        ("cache_loaded_entries", "Entries loaded from the cache file at start.",
+         persister.loaded.entries if persister.loaded else 0),
+    ):  # fmt: skip
+        gauge = GaugeMetricFamily(PREFIX + name, documentation)
+        gauge.add_metric([], value)
+        yield gauge
 
 
 def _histogram_family(name: str, documentation: str, label: str, histograms: dict[str, Histogram]):

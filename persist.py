@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import math
@@ -221,24 +222,27 @@ def write_atomic(path: str, chunks: list[bytes]) -> int:
     Blocking; the proxy runs it in gevent's thread pool. Returns the bytes written.
     """
     tmp = path + ".tmp"
-    # O_NOFOLLOW: a symlink planted at the temporary name must not make us truncate another file.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a leftover temporary file may have had another mode
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    # The rename itself is durable only once the directory is synced.
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
     try:
+        # During a takeover two proxies share the file (issue 9): a flock on the directory makes
+        # their saves take turns, else both would write the one temporary file at once.
+        fcntl.flock(directory, fcntl.LOCK_EX)
+        # O_NOFOLLOW: a symlink planted at the temporary name must not make us truncate another file.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a leftover temporary file may have had another mode
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        # The rename itself is durable only once the directory is synced.
         os.fsync(directory)
     finally:
-        os.close(directory)
+        os.close(directory)  # releases the flock
     return sum(len(chunk) for chunk in chunks)
 
 

@@ -29,6 +29,7 @@ from config import Config, Endpoint
 from configfile import ConfigReloader
 from control import CacheControl, loopback_only
 from control import cli as control_cli
+from handover import SERVING, STARTING, STOPPING, InstanceRegistry, detach_udp, other_sockets, wait_until_read
 from httpapi import HttpApi
 from metrics import HIT_SAMPLE_MASK, Metrics, make_registry
 from netsetup import InterceptError, Interceptor, InterceptSpec
@@ -38,10 +39,12 @@ from upstream import UpstreamError, Upstreams
 _U16 = struct.Struct("!H")
 TCP_MAX = 65535
 TCP_PIPELINE = 16  # queries of one TCP connection handled at once (RFC 7766 §6.2.1.1 pipelining)
+FIRST_QUERY_WAIT = 0.5  # at shutdown, how long a new TCP connection still gets to send its first query
 LOG_BURST = 10  # error lines per event and window before they are only counted
 MAX_TEMPLATES = 20_000  # parsed queries kept for the hot path (about 6 MB at most)
 RENDERED_PER_ENTRY = 8  # rendered answers kept per cache entry
 MAX_ACCESS_DECISIONS = 65536  # client addresses whose --allow decision is remembered
+DOWN_TRIES_PER_SECOND = 5  # misses forwarded anyway while every upstream is marked down
 INVALID_TLD = b"\x07invalid\x00"
 IP_FREEBIND = 15  # linux/in.h: bind an address the node does not have yet
 
@@ -139,6 +142,8 @@ class Resolver:
         self.hit_rcodes: dict[int, int] = defaultdict(int)
         self.stale_max_age = 0.0
         self.hit_metrics = not config.no_metrics
+        self.down_window_start = 0.0
+        self.down_window_tries = 0
         self.fetch_pool = gevent.pool.Pool(config.max_concurrent)
         self.stale_since: float | None = None
         self.stale_in_episode = 0
@@ -230,9 +235,15 @@ class Resolver:
         return self._miss_path(query, max_size), "miss"
 
     def _miss_path(self, query: wire.Query, max_size: int) -> bytes:
+        upstreams = self.router.route_for(query.key).upstreams
+        if upstreams.all_down():
+            # Known down: SERVFAIL at once. A few misses a second still go upstream in the
+            # background, so the first answer ends the outage without a flood of doomed tries.
+            if query.key in self.inflight or self._may_try_while_down():
+                self._fetch(query)
+            return self._servfail(query)
         pending = self._fetch(query)
-        if pending is None or self.router.route_for(query.key).upstreams.all_down():
-            # Known down: SERVFAIL at once; the fetch started above still tries and ends the outage.
+        if pending is None:
             return self._servfail(query)
         pending.wait(self.config.deadline)
         if pending.successful():
@@ -240,6 +251,14 @@ class Resolver:
             if fresh.rcode in (wire.NOERROR, wire.NXDOMAIN):
                 return fresh.render(query, answer_ttl(fresh, self.timer()), max_size)
         return self._servfail(query)
+
+    def _may_try_while_down(self) -> bool:
+        """At most DOWN_TRIES_PER_SECOND background tries a second while every upstream is down."""
+        now = self.timer()
+        if now - self.down_window_start >= 1.0:
+            self.down_window_start, self.down_window_tries = now, 0
+        self.down_window_tries += 1
+        return self.down_window_tries <= DOWN_TRIES_PER_SECOND
 
     def _stale_path(self, query: wire.Query, entry: Entry, now: float, max_size: int) -> bytes:
         if entry.retry_after > now or self.router.route_for(query.key).upstreams.all_down():
@@ -544,7 +563,7 @@ class DnsTcpServer(StreamServer):
         super().__init__(listener, handle=self.handle_connection, spawn=gevent.pool.Pool(max_connections))
         self.handler = handler
         self.idle_timeout = idle_timeout
-        self.idle_connections: set = set()
+        self.idle_connections: dict = {}  # greenlet -> whether it answered a query already
 
     def handle_connection(self, sock, address) -> None:
         try:
@@ -562,25 +581,33 @@ class DnsTcpServer(StreamServer):
         write_lock = gevent.lock.Semaphore()
         pipeline = gevent.pool.Pool(TCP_PIPELINE)
         me = gevent.getcurrent()
+        served = False
         try:
             while True:
                 if not len(pipeline):
-                    self.idle_connections.add(me)
+                    self.idle_connections[me] = served
                 try:
-                    header = _recv_exact(sock, 2)
+                    header = sock.recv(2)
                 except TimeoutError:
                     if len(pipeline):
                         pipeline.join()
                         continue
                     return  # idle: close (RFC 7766 §6.2.3)
                 finally:
-                    self.idle_connections.discard(me)
-                if header is None:
+                    self.idle_connections.pop(me, None)
+                if not header:
                     break  # client closed its side; answers in flight still go out
+                # Once a message has begun, all of it must arrive within the idle timeout: a client
+                # dripping bytes cannot hold a connection slot for ever (RFC 7766 §10).
+                deadline = time.monotonic() + self.idle_timeout
+                if len(header) == 1:
+                    header += _recv_exact(sock, 1, deadline)
                 length = _U16.unpack(header)[0]
-                data = _recv_exact(sock, length) if length else None
-                if data is None:
+                if not length:
                     break
+                data = _recv_exact(sock, length, deadline)
+                served = True
+                sock.settimeout(self.idle_timeout)
                 if not allowed:
                     answer = handler.refuse(data)
                     if answer is not None:
@@ -607,20 +634,55 @@ class DnsTcpServer(StreamServer):
             self.handler.errors.error("tcp_handler_failed", error=repr(exc))
 
     def close_idle(self) -> None:
-        """At shutdown: close connections that wait for a next query; busy ones finish."""
-        for greenlet in list(self.idle_connections):
+        """At shutdown: close connections that wait for a next query; busy ones finish.
+
+        A connection that has not sent its first query yet gets FIRST_QUERY_WAIT more: its client
+        connected to ask one, which may be on its way (during a takeover, issue 9).
+        """
+        for greenlet, served in list(self.idle_connections.items()):
+            if served:
+                greenlet.kill(block=False)
+            else:
+                gevent.spawn_later(FIRST_QUERY_WAIT, self._close_if_idle, greenlet)
+
+    def _close_if_idle(self, greenlet) -> None:
+        if greenlet in self.idle_connections:
             greenlet.kill(block=False)
 
+    def hand_over(self) -> None:
+        """At shutdown: accept every connection the kernel already queued for us, then close the listener.
 
-def _recv_exact(sock, size: int) -> bytes | None:
-    """Exactly size bytes, or None on a clean close before the first byte; EOF midway raises."""
+        Closing a listener resets the connections in its accept queue, and the kernel keeps putting
+        new ones there while the socket is in the SO_REUSEPORT group. Nothing yields between the
+        last accept and the close, so only a handshake completing in those microseconds is lost
+        (none with net.ipv4.tcp_migrate_req=1, which moves them to the other listeners).
+        """
+        self.stop_accepting()
+        accepted = []
+        while True:
+            try:
+                client = self.do_read()
+            except OSError:
+                break
+            if not client:
+                break
+            accepted.append(client)
+        self.close()
+        for sock, address in accepted:
+            self.pool.spawn(self.handle_connection, sock, address)
+
+
+def _recv_exact(sock, size: int, deadline: float) -> bytes:
+    """Exactly size bytes before the monotonic deadline; TimeoutError or ConnectionResetError otherwise."""
     chunks = []
     while size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("message not complete in time")
+        sock.settimeout(remaining)
         chunk = sock.recv(size)
         if not chunk:
-            if chunks:
-                raise ConnectionResetError("closed mid-message")
-            return None
+            raise ConnectionResetError("closed mid-message")
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
@@ -644,8 +706,17 @@ def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.soc
         if family == socket.AF_INET6:
             udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # No SO_REUSEADDR on UDP: a second proxy on the same port fails loudly instead of silently
-        # sharing the traffic. TCP gets it so a restart can rebind past TIME_WAIT.
+        # SO_REUSEPORT on both, on purpose (issue 9): during a takeover the new proxy binds while the
+        # old one still serves, and the kernel spreads new datagrams and connections over the
+        # group. So an exiting proxy must not just close (its queued datagrams would be lost): it
+        # leaves the group first and reads what it holds (handover.detach_udp, DnsTcpServer.hand_over).
+        # Only sockets of the same effective UID join a group (socket(7)): a process of another
+        # user still fails with EADDRINUSE, as does any socket bound without SO_REUSEPORT. A second
+        # proxy of the same user started by mistake shares the queries; it logs listen_address_shared.
+        # No SO_REUSEADDR on UDP (it would let a non-reuseport socket share the port); TCP gets it so
+        # a restart can rebind past TIME_WAIT.
+        udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if freebind and family == socket.AF_INET:
             udp.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
@@ -701,6 +772,10 @@ class Proxy:
                 health_port=config.http.port if config.http and config.http.host in config.local_ips else None,
             )
             self.interceptor = Interceptor(spec, log, runner=gevent.subprocess.run)
+        # The interception is node state shared with a successor or predecessor (issue 9).
+        self.registry: InstanceRegistry | None = None
+        if self.interceptor is not None:
+            self.registry = InstanceRegistry(config.state_dir, log)
         self.http: HttpApi | None = None
         if config.http is not None:
             self.http = HttpApi(config.http, config.listen[0], self.readiness, log)
@@ -715,8 +790,13 @@ class Proxy:
 
         Raises OSError when a socket cannot be bound and InterceptError when the rules cannot be set.
         """
-        if self.interceptor is not None:
-            self.interceptor.remove_leftovers()  # an earlier run killed with -9 left them
+        if self.registry is not None:
+            with self.registry.locked():
+                # Leftovers of a run killed with -9 go; with a live instance on the node (a takeover)
+                # its rules and addresses are ours as well and stay.
+                if not self.registry.peers():
+                    self.interceptor.remove_leftovers()
+                self.registry.register()
         if self.persister is not None:
             self.persister.load()  # before the sockets serve: the first queries see the loaded cache
         for endpoint in self.config.listen:
@@ -727,23 +807,35 @@ class Proxy:
                 DnsTcpServer(tcp, self.handler, self.config.max_tcp_connections, self.config.tcp_idle_timeout)
             )
             self.log.info("listening", address=str(bound), protocols=["udp", "tcp"])
+            shared = other_sockets(bound.host, bound.port)
+            if shared:
+                # Expected during a takeover; otherwise a second proxy of ours runs by mistake.
+                self.log.info("listen_address_shared", address=str(bound), other_sockets=shared)
         for server in self.servers:
             server.start()
         self.background.append(gevent.spawn(policy.run_prober, self.resolver))
         self.background.append(gevent.spawn(self._housekeeping))
         if self.persister is not None:
             self.persister.start(self.config.save_interval)
-        if self.interceptor is not None:
-            self.interceptor.add_addresses()
-            try:
-                self.interceptor.install_rules()
-            except InterceptError:
-                self.interceptor.teardown()
-                raise
+        if self.registry is not None:
+            # One step under the node's lock: a predecessor deciding whether to hand over sees us
+            # either still starting or serving with the rules installed (issue 9).
+            with self.registry.locked():
+                self.interceptor.add_addresses()
+                try:
+                    self.interceptor.install_rules()
+                    if self.http is not None:
+                        self.http.start()  # after the addresses: it may listen on the link-local one
+                except (InterceptError, OSError):
+                    if not self.registry.peers():
+                        self.interceptor.teardown()  # alone on the node: leave nothing behind
+                    raise
+                self.registry.set_state(SERVING)
             self.sync_greenlet = gevent.spawn(self._sync_interception)
-        if self.http is not None:
-            self.http.start()  # after the addresses: it may listen on the link-local one
+        elif self.http is not None:
+            self.http.start()
         self.serving = True
+        self.log.info("serving", instances_on_node=1 + len(self.registry.peers()) if self.registry else None)
 
     def upstream_groups(self) -> list[Upstreams]:
         """Every set of upstreams the proxy forwards to (for probing, metrics and the summary)."""
@@ -771,6 +863,10 @@ class Proxy:
             return False, "starting"
         if not self.rules_ok:
             return False, "interception rules missing"
+        if self.registry is not None and self.registry.newer_starting():
+            # One port for both during a takeover (SO_REUSEPORT): a probe of the successor's pod
+            # may reach us, and the successor is not ready until it serves.
+            return False, "successor starting"
         return True, "ready"
 
     def _sync_interception(self) -> None:
@@ -810,20 +906,35 @@ class Proxy:
         return now
 
     def stop(self) -> None:
-        """Stop accepting, let in-flight queries finish within the grace time, then stop everything."""
-        deadline = time.monotonic() + self.config.grace
+        """Hand over or fall back, answer every query already received within the grace time, then stop.
+
+        With a successor serving on the node (a takeover, issue 9) the interception stays, it is
+        the successor's now; otherwise the rules go first (fallback to kube-dns, issue 4). Either
+        way the sockets leave the SO_REUSEPORT group before we stop reading them, so no query the
+        kernel gave us is dropped, and the last instance out removes the addresses.
+        """
         self.serving = False
+        handed_over = False
         if self.interceptor is not None:
             if self.sync_greenlet is not None:
                 self.sync_greenlet.kill()
-            # Rules first: new queries fall back to kube-dns at once while ours drain (issue 4).
-            self.interceptor.remove_rules()
+            handed_over = self._hand_over_interception()
+        if handed_over and self.http is not None:
+            self.http.stop()  # from now on the kubelet's probes reach the successor only
+        deadline = time.monotonic() + self.config.grace
+        udp_servers = [server for server in self.servers if isinstance(server, DnsUdpServer)]
+        for server in udp_servers:
+            try:
+                detach_udp(server.socket)  # new datagrams go to the group's other sockets
+            except OSError as exc:
+                self.log.warning("udp_detach_failed", error=str(exc))
         for server in self.servers:
             if isinstance(server, DnsTcpServer):
-                server.close()  # the listener only; open connections finish their queries
+                server.hand_over()  # the listener only; open connections finish their queries
                 server.close_idle()
-            else:
-                server.stop_accepting()  # the socket stays open to send the answers in flight
+        for server in udp_servers:
+            wait_until_read(server.socket, deadline)  # what the kernel queued for us before the detach
+            server.stop_accepting()  # the socket stays open to send the answers in flight
         self.pool.join(timeout=max(0.0, deadline - time.monotonic()))
         for server in self.servers:
             if server.pool is not None:
@@ -836,12 +947,40 @@ class Proxy:
             server.close()
         if self.persister is not None:
             self.persister.stop()  # the final snapshot, once no query can change the cache any more
-        if self.http is not None:
+        if self.http is not None and not handed_over:
             self.http.stop()
-        if self.interceptor is not None:
-            self.interceptor.teardown()  # the addresses, now that no answer is in flight
+        if self.registry is not None:
+            with self.registry.locked():
+                if not self.registry.peers():
+                    self.interceptor.teardown()  # the last one out: the addresses, now that no answer is in flight
+                self.registry.unregister()
         c = self.resolver.counters
-        self.log.info("stopped", **c.as_dict())
+        self.log.info("stopped", handed_over=handed_over, **c.as_dict())
+
+    def _hand_over_interception(self) -> bool:
+        """True when a successor serves and keeps the interception; else the rules are removed.
+
+        A successor that registered but does not serve yet gets up to --handover-timeout, during
+        which we keep answering as before. The decision is taken under the node's lock, where the
+        successor's "serving" means its rules are installed.
+        """
+        registry = self.registry
+        registry.set_state(STOPPING)
+        waited_until = time.monotonic() + self.config.handover_timeout
+        while time.monotonic() < waited_until:
+            peers = registry.peers()
+            if any(p.state == SERVING for p in peers) or not any(p.state == STARTING for p in peers):
+                break
+            gevent.sleep(0.05)
+        with registry.locked():
+            successors = [p.id for p in registry.peers() if p.state == SERVING]
+            if successors:
+                self.log.info("handover", successors=successors)
+                return True
+            # Alone, or the successor is late: new queries fall back to kube-dns at once while ours
+            # drain (issue 4); a successor that comes up later installs the rules again.
+            self.interceptor.remove_rules()
+            return False
 
 
 def main(argv: list[str] | None = None) -> int:

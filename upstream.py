@@ -184,7 +184,8 @@ class Upstreams:
 
     def _succeeded(self, server: Server, protocol: str, reply: bytes, started: float) -> None:
         rcode = reply[3] & 0xF
-        self._record(server, protocol, "servfail" if rcode == wire.SERVFAIL else "ok", started)
+        result = "servfail" if rcode == wire.SERVFAIL else "refused" if rcode == wire.REFUSED else "ok"
+        self._record(server, protocol, result, started)
         self.mark_up(server)
 
     def mark_up(self, server: Server) -> None:
@@ -248,5 +249,5 @@ def _matches(reply: bytes, qid: int, question: bytes) -> bool:
 
 def _os_reason(exc: OSError) -> str:
     if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
+        return "connection_refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
     return "error"

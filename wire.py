@@ -268,6 +268,12 @@ def question_end(wire: bytes) -> int:
     return pos + 5
 
 
+# Cheap rdata checks for the common types, so a malformed record is never cached and served:
+# fixed sizes (A, AAAA) and where a name starts (CNAME, NS, PTR, MX, SRV, SOA).
+_FIXED_RDLENGTH = {1: 4, 28: 16}
+_RDATA_NAME_AT = {2: 0, 5: 0, 12: 0, 15: 2, 33: 6, 6: 0}
+
+
 class ReplyScan:
     """The layout of an upstream reply: where each record's TTL sits and what the cache policy needs."""
 
@@ -284,6 +290,7 @@ class ReplyScan:
         "soa_ttl",
         "soa_minimum",
         "opt_start",
+        "opt_index",
         "opt_is_last",
         "ext_rcode",
     )
@@ -295,6 +302,7 @@ class ReplyScan:
         self.soa_ttl: int | None = None
         self.soa_minimum: int | None = None
         self.opt_start: int | None = None
+        self.opt_index = 0  # position of the OPT among the additional records
         self.opt_is_last = False
         self.ext_rcode = 0
 
@@ -327,9 +335,16 @@ def scan_reply(wire: bytes) -> ReplyScan:
             if scan.opt_start is not None or index < ancount + nscount:
                 raise WireError("misplaced or repeated OPT")
             scan.opt_start = start
+            scan.opt_index = index - ancount - nscount
             scan.opt_is_last = index == total - 1
             scan.ext_rcode = ttl >> 24
             continue
+        fixed = _FIXED_RDLENGTH.get(rtype)
+        if fixed is not None and rdlength != fixed:
+            raise WireError("rdata length does not fit the type")
+        name_at = _RDATA_NAME_AT.get(rtype)
+        if name_at is not None and skip_name(wire, rdata + name_at) > pos:
+            raise WireError("name in rdata runs past the rdata")
         if ttl & 0x80000000:
             ttl = 0  # RFC 2181 §8: a TTL with the top bit set is treated as zero
         scan.ttls.append(ttl)

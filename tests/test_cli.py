@@ -188,9 +188,40 @@ class TestProcess:
             assert proxy.proc.wait(5) == 0
             assert time.monotonic() - started < 1.5
 
-    def test_port_in_use_fails_clearly(self, fake_upstream, proxy_factory):
-        """A second proxy on a port already in use exits non-zero with a bind_failed log line."""
+    def test_port_held_by_another_program_fails_clearly(self, fake_upstream):
+        """A port held by a socket without SO_REUSEPORT (another program) makes the proxy exit 1 with bind_failed."""
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+            holder.bind(("127.0.0.1", 0))
+            port = holder.getsockname()[1]
+            result = run_proxy("--listen", f"127.0.0.1:{port}", "--upstream", fake_upstream.address)
+        assert result.returncode == 1
+        assert any(json.loads(line).get("event") == "bind_failed" for line in result.stdout.splitlines())
+
+    def test_second_proxy_shares_the_port_and_says_so(self, fake_upstream, proxy_factory, tmp_path):
+        """A second proxy on the same port (SO_REUSEPORT, for takeovers) starts, answers, logs listen_address_shared."""
         first = proxy_factory("--upstream", fake_upstream.address)
-        second = run_proxy("--listen", first.address, "--upstream", fake_upstream.address)
-        assert second.returncode == 1
-        assert any(json.loads(line).get("event") == "bind_failed" for line in second.stdout.splitlines())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE_DNS_PROXY_")}
+        log_path = tmp_path / "second.stdout"
+        with log_path.open("wb") as out:
+            second = subprocess.Popen(
+                [sys.executable, "proxy.py", "--listen", first.address, "--upstream", fake_upstream.address],
+                cwd=REPO_ROOT,
+                env={**env, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 10
+            while '"serving"' not in log_path.read_text() and time.monotonic() < deadline:
+                assert second.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+            answers = [query(first.address, f"shared{i}.default.svc.cluster.local").rcode() for i in range(10)]
+        finally:
+            second.send_signal(signal.SIGTERM)
+            code = second.wait(10)
+        events = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        shared = [e for e in events if e["event"] == "listen_address_shared"]
+        assert (code, set(answers), [e["other_sockets"] for e in shared]) == (0, {dns.rcode.NOERROR}, [1])

@@ -169,3 +169,19 @@ def test_periodic_summary_line(fake_upstream, proxy_factory):
         summaries = [line for line in proxy.logs() if line.get("event") == "summary" and line.get("queries")]
         time.sleep(0.2)
     assert summaries and summaries[0]["queries"] == 2 and summaries[0]["hit_ratio"] == 0.5
+
+
+def test_cache_file_metrics(fake_upstream, proxy_factory, tmp_path):
+    """With --cache-file, saves, the snapshot size and entries appear in /metrics."""
+    proxy, http_port = start(
+        proxy_factory, fake_upstream, "--cache-file", str(tmp_path / "cache.snapshot"), "--save-interval", "0.3"
+    )
+    query(proxy.address, "saved.example")
+    deadline = time.monotonic() + 5
+    samples = scrape(http_port)
+    while time.monotonic() < deadline and value(samples, "kube_dns_proxy_cache_saved_entries") < 1:
+        time.sleep(0.2)
+        samples = scrape(http_port)
+    assert value(samples, "kube_dns_proxy_cache_saves_total", result="ok") >= 1
+    assert value(samples, "kube_dns_proxy_cache_saved_entries") == 1
+    assert value(samples, "kube_dns_proxy_cache_file_bytes") == (tmp_path / "cache.snapshot").stat().st_size

@@ -1031,7 +1031,8 @@ def proxy_argv(mode: str) -> list[str]:
 
 def start_proxy(lab: Lab, mode: str, name: str = "proxy") -> Any:
     """Start proxy.py in the node namespace; wait until the pod is answered through it."""
-    proxy = lab.start(lab.node, name, proxy_argv(mode))
+    # The instance registry in the lab's directory, not the host's /run (handover.py).
+    proxy = lab.start(lab.node, name, [*proxy_argv(mode), "--state-dir", str(lab.workdir / "state")])
 
     def answered() -> bool:
         if proxy.poll() is not None:

@@ -1,0 +1,285 @@
+"""Takeover between proxy instances on one node: the instance registry and the drain of a socket.
+
+An upgrade runs the new proxy next to the old one (a DaemonSet surge pod) until the old one exits.
+Both hold the listening sockets at once (``SO_REUSEPORT``, see ``proxy.bind_sockets``), so what
+must be coordinated is what they share besides the port:
+
+* **The interception** (rules and addresses, ``netsetup``) is node state, not process state.  Each
+  instance registers in a directory under ``--state-dir`` (one per network namespace, so the
+  netns tests each get their own): a lock file that the instance holds with ``flock`` for its
+  whole life, and a small JSON file saying ``starting``, ``serving`` or ``stopping``.  The kernel
+  releases a flock when its holder dies, even by ``kill -9``, and flock works across PID
+  namespaces (two pods are both PID 1), so "alive" is "its lock file is locked", never a PID
+  check.  Membership changes and every decision about the interception (remove leftovers, remove
+  the rules, tear down) happen under one directory-wide lock, so an exiting instance never tears
+  down what a starting one has just installed: the last one out tears down, no one else does.
+* **The queued queries.**  Closing a UDP socket of a ``SO_REUSEPORT`` group drops the datagrams
+  already queued on it.  ``detach_udp`` connects the socket to its own address instead: since
+  Linux 5.4 (commit acdcecc61285, "udp: correct reuseport selection with connected sockets") a
+  connected socket only gets datagrams from its peer, so the kernel steers every new query to the
+  other sockets of the group while the old process still reads and answers what it holds.  A TCP
+  listener has no such switch: the old one accepts every connection already queued, then closes
+  in the same breath (see ``proxy.DnsTcpServer.hand_over``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import socket
+import struct
+import termios
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gevent
+
+STARTING = "starting"
+SERVING = "serving"
+STOPPING = "stopping"
+LOCK_POLL = 0.01  # seconds between two tries of the directory lock (never a blocking flock in the loop)
+LOCK_TIMEOUT = 60.0  # a holder runs at most a teardown (iptables -w 5 per call); beyond that, go on
+QUIET_POLL = 0.02
+TCP_LISTEN = "0A"  # include/net/tcp_states.h, as /proc/net/tcp prints it
+UDP_UNCONNECTED = "07"  # TCP_CLOSE: a UDP socket that is bound but not connected
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One proxy process registered on the node."""
+
+    id: str
+    pid: int  # for humans only: pods have their own PID namespaces
+    started: float  # wall clock, for "newer than"
+    state: str
+
+
+def netns_id() -> str:
+    """The inode of our network namespace: instances in one namespace share the interception."""
+    try:
+        return str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        return "default"
+
+
+class InstanceRegistry:
+    """Proxy instances of one network namespace, each alive while it holds the flock on its file."""
+
+    def __init__(self, state_dir: str, log, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+        self.directory = Path(state_dir) / f"netns-{netns_id()}"
+        self.log = log
+        self.lock_timeout = lock_timeout
+        self.started = time.time()
+        # Wall-clock milliseconds first: names sort in start order, which helps a human reading the directory.
+        self.id = f"{int(self.started * 1000)}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.state = STARTING
+        self._lock_fd: int | None = None  # our own lock file, held for our whole life
+        self._dir_fd: int | None = None  # the directory-wide lock while held
+        self._dir_depth = 0
+
+    # -- the directory-wide lock --
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory-wide lock (re-entrant); waits by polling so the event loop keeps serving."""
+        if self._dir_depth:
+            self._dir_depth += 1
+            try:
+                yield
+            finally:
+                self._dir_depth -= 1
+            return
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.lock_timeout
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        # A holder stuck for a minute (stopped, not dead: death releases it).
+                        # Going on unlocked beats never starting or never stopping.
+                        self.log.error("instance_lock_timeout", directory=str(self.directory))
+                        break
+                    gevent.sleep(LOCK_POLL)
+            self._dir_fd = fd
+            self._dir_depth = 1
+            yield
+        finally:
+            self._dir_depth = 0
+            self._dir_fd = None
+            os.close(fd)  # releases the flock
+
+    # -- membership --
+
+    def _paths(self, instance_id: str) -> tuple[Path, Path]:
+        return self.directory / f"{instance_id}.lock", self.directory / f"{instance_id}.json"
+
+    def register(self) -> None:
+        """Add this process, state ``starting``; call under ``locked()``."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock_path, _ = self._paths(self.id)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # Blocking is fine here: only a peer testing our liveness can hold it, for microseconds.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self._lock_fd = fd
+        self.set_state(STARTING)
+
+    def set_state(self, state: str) -> None:
+        """Publish our state (atomically: readers see the old or the new file, never half of one)."""
+        self.state = state
+        if self._lock_fd is None:
+            return
+        _, json_path = self._paths(self.id)
+        tmp = json_path.with_suffix(".tmp")
+        body = {"id": self.id, "pid": os.getpid(), "started": self.started, "state": state}
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, json_path)
+
+    def unregister(self) -> None:
+        """Remove this process; call under ``locked()`` so no one sees it half gone."""
+        if self._lock_fd is None:
+            return
+        for path in self._paths(self.id):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def peers(self) -> list[Instance]:
+        """The other live instances, oldest first; under ``locked()`` the dead ones' files are removed."""
+        found = []
+        try:
+            lock_files = sorted(self.directory.glob("*.lock"))
+        except OSError:
+            return []
+        for lock_path in lock_files:
+            instance_id = lock_path.stem
+            if instance_id == self.id or lock_path.name == "lock":
+                continue
+            if not self._alive(lock_path):
+                if self._dir_depth:
+                    # Stale: its holder died without unregistering (kill -9, OOM kill).
+                    for path in self._paths(instance_id):
+                        with contextlib.suppress(FileNotFoundError):
+                            path.unlink()
+                    self.log.info("stale_instance_removed", instance=instance_id)
+                continue
+            found.append(self._read(instance_id))
+        return sorted(found, key=lambda p: (p.started, p.id))
+
+    def _alive(self, lock_path: Path) -> bool:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its holder lives
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
+    def _read(self, instance_id: str) -> Instance:
+        _, json_path = self._paths(instance_id)
+        try:
+            body = json.loads(json_path.read_text())
+            return Instance(instance_id, int(body["pid"]), float(body["started"]), str(body["state"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            # Between its lock file and its first state file: it is starting.
+            return Instance(instance_id, 0, 0.0, STARTING)
+
+    # -- questions the proxy asks --
+
+    def successor_serving(self) -> bool:
+        """Whether another live instance serves (it can take our queries over)."""
+        return any(p.state == SERVING for p in self.peers())
+
+    def successor_starting(self) -> bool:
+        """Whether another live instance registered but does not serve yet."""
+        return any(p.state == STARTING for p in self.peers())
+
+    def newer_starting(self) -> bool:
+        """Whether an instance started after us is still starting (a readiness probe may be its own)."""
+        return any(p.state == STARTING and (p.started, p.id) > (self.started, self.id) for p in self.peers())
+
+
+# -- sockets --------------------------------------------------------------------------------------
+
+
+def detach_udp(sock) -> None:
+    """Take a UDP socket out of its SO_REUSEPORT group's steering; what it holds stays readable.
+
+    Connected to its own address, it only matches datagrams sent from that address and port, which
+    nobody sends (the group's sockets send answers to clients). Sending to other addresses with
+    sendto() still works on Linux.
+    """
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        peer = "::1" if host == "::" else host
+    else:
+        peer = "127.0.0.1" if host == "0.0.0.0" else host
+    sock.connect((peer, port))
+
+
+def queued_bytes(sock) -> int:
+    """The size of the next queued datagram (FIONREAD), 0 when none is queued."""
+    buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return struct.unpack("i", buf)[0]
+
+
+def wait_until_read(sock, deadline: float) -> bool:
+    """Wait (yielding) until the socket's queue stays empty for two polls; False at the deadline."""
+    quiet = 0
+    while time.monotonic() < deadline:
+        try:
+            pending = queued_bytes(sock)
+        except OSError:
+            return True  # closed meanwhile: nothing left to read
+        quiet = quiet + 1 if pending == 0 else 0
+        if quiet >= 2:
+            return True
+        gevent.sleep(QUIET_POLL)
+    return False
+
+
+def _proc_address(text: str) -> tuple[str, int]:
+    """An address:port as /proc/net/{udp,tcp}{,6} print it: 32-bit words in host byte order."""
+    address, port = text.split(":")
+    raw = b"".join(struct.pack("=I", int(address[i : i + 8], 16)) for i in range(0, len(address), 8))
+    family = socket.AF_INET6 if len(raw) == 16 else socket.AF_INET
+    return socket.inet_ntop(family, raw), int(port, 16)
+
+
+def other_sockets(host: str, port: int, proto: str = "udp") -> int:
+    """How many other sockets of this network namespace are bound to host:port (listening, for TCP).
+
+    Read from /proc/net: a second proxy of the same user joins our SO_REUSEPORT group silently,
+    so the proxy says so in its log (``listen_address_shared``).
+    """
+    v6 = ":" in host
+    path = f"/proc/net/{proto}{'6' if v6 else ''}"
+    wanted_state = UDP_UNCONNECTED if proto == "udp" else TCP_LISTEN
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    ours = (socket.inet_ntop(family, socket.inet_pton(family, host)), port)
+    count = 0
+    try:
+        with open(path) as table:
+            next(table, None)  # the header line
+            for line in table:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == wanted_state and _proc_address(fields[1]) == ours:
+                    count += 1
+    except (OSError, ValueError):
+        return 0  # no /proc (not Linux) or a format we do not know: the log line is only a courtesy
+    return max(0, count - 1)
