@@ -34,7 +34,7 @@ from httpapi import HttpApi
 from metrics import HIT_SAMPLE_MASK, Metrics, make_registry
 from netsetup import InterceptError, Interceptor, InterceptSpec
 from persist import CachePersister
-from upstream import UpstreamError, Upstreams
+from upstream import UpstreamError, Upstreams, recv_exact
 
 _U16 = struct.Struct("!H")
 TCP_MAX = 65535
@@ -115,6 +115,51 @@ class RateLimitedLog:
             self.log.error(event, **fields)
 
 
+class TaskLimit:
+    """Greenlets for queries beyond cache hits, at most `limit` at once: a full limit refuses.
+
+    gevent.spawn_raw without a Pool's Greenlet objects, links and semaphore: a miss costs one
+    light spawn (measured: Pool.spawn was a sixth of the miss path's time).
+    """
+
+    def __init__(self, limit: int, errors: RateLimitedLog) -> None:
+        self.limit = limit
+        self.errors = errors
+        self.active: set = set()
+        self.idle = gevent.event.Event()
+        self.idle.set()
+
+    def __len__(self) -> int:
+        return len(self.active)
+
+    def full(self) -> bool:
+        return len(self.active) >= self.limit
+
+    def spawn(self, function: Callable, *args) -> None:
+        self.idle.clear()
+        self.active.add(gevent.spawn_raw(self._run, function, args))
+
+    def _run(self, function: Callable, args: tuple) -> None:
+        try:
+            function(*args)
+        except Exception as exc:  # the boundary of a greenlet: nothing escapes to the hub
+            self.errors.error("task_failed", error=repr(exc))
+        finally:
+            self.active.discard(gevent.getcurrent())
+            if not self.active:
+                self.idle.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no task runs; False if some still do after timeout seconds."""
+        return self.idle.wait(timeout)
+
+    def kill(self, block: bool = True, timeout: float | None = None) -> None:
+        for greenlet in list(self.active):
+            gevent.kill(greenlet)
+        if block:
+            self.idle.wait(timeout)
+
+
 class Resolver:
     """The per-query flow beyond a fresh hit: stale answers, misses, coalescing, background refresh."""
 
@@ -144,7 +189,7 @@ class Resolver:
         self.hit_metrics = not config.no_metrics
         self.down_window_start = 0.0
         self.down_window_tries = 0
-        self.fetch_pool = gevent.pool.Pool(config.max_concurrent)
+        self.fetch_pool = TaskLimit(config.max_concurrent, self.errors)
         self.stale_since: float | None = None
         self.stale_in_episode = 0
         self.last_stale_at = 0.0
@@ -242,7 +287,9 @@ class Resolver:
             if query.key in self.inflight or self._may_try_while_down():
                 self._fetch(query)
             return self._servfail(query)
-        pending = self._fetch(query)
+        # The first asker fetches in its own greenlet (one spawn less per miss); identical
+        # queries arriving meanwhile wait on its result.
+        pending = self._fetch(query, inline=True)
         if pending is None:
             return self._servfail(query)
         pending.wait(self.config.deadline)
@@ -325,18 +372,24 @@ class Resolver:
         if self._fetch(query) is not None:
             self.counters.prefetches += 1
 
-    def _fetch(self, query: wire.Query) -> gevent.event.AsyncResult | None:
-        """The pending upstream answer for this key: joined if one is in flight, else started."""
+    def _fetch(self, query: wire.Query, inline: bool = False) -> gevent.event.AsyncResult | None:
+        """The pending upstream answer for this key: joined if one is in flight, else started.
+
+        inline: run the fetch in the calling greenlet and return it done; otherwise in the background.
+        """
         key = query.key
         pending = self.inflight.get(key)
         if pending is not None:
             self.counters.coalesced += 1
             return pending
-        if self.fetch_pool.full():
+        if not inline and self.fetch_pool.full():
             return None
         pending = gevent.event.AsyncResult()
         self.inflight[key] = pending
-        self.fetch_pool.spawn(self._run_fetch, key, query.question, query.do, query.cd, pending)
+        if inline:
+            self._run_fetch(key, query.question, query.do, query.cd, pending)
+        else:
+            self.fetch_pool.spawn(self._run_fetch, key, query.question, query.do, query.cd, pending)
         return pending
 
     def _run_fetch(self, key: bytes, question: bytes, do: bool, cd: bool, pending) -> None:
@@ -601,11 +654,11 @@ class DnsTcpServer(StreamServer):
                 # dripping bytes cannot hold a connection slot for ever (RFC 7766 §10).
                 deadline = time.monotonic() + self.idle_timeout
                 if len(header) == 1:
-                    header += _recv_exact(sock, 1, deadline)
+                    header += recv_exact(sock, 1, deadline)
                 length = _U16.unpack(header)[0]
                 if not length:
                     break
-                data = _recv_exact(sock, length, deadline)
+                data = recv_exact(sock, length, deadline)
                 served = True
                 sock.settimeout(self.idle_timeout)
                 if not allowed:
@@ -621,8 +674,8 @@ class DnsTcpServer(StreamServer):
                         continue
                 if answer is not None:
                     _send_framed(sock, write_lock, answer)
-        except (OSError, TimeoutError):
-            pass  # reset or stalled client: drop the connection
+        except (OSError, TimeoutError, EOFError):
+            pass  # reset, stalled or vanished client: drop the connection
         pipeline.join(timeout=handler.resolver.config.deadline + 1)
 
     def _resolve_and_send(self, sock, write_lock, query: wire.Query, started: float) -> None:
@@ -670,22 +723,6 @@ class DnsTcpServer(StreamServer):
         self.close()
         for sock, address in accepted:
             self.pool.spawn(self.handle_connection, sock, address)
-
-
-def _recv_exact(sock, size: int, deadline: float) -> bytes:
-    """Exactly size bytes before the monotonic deadline; TimeoutError or ConnectionResetError otherwise."""
-    chunks = []
-    while size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("message not complete in time")
-        sock.settimeout(remaining)
-        chunk = sock.recv(size)
-        if not chunk:
-            raise ConnectionResetError("closed mid-message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
 
 
 def _send_framed(sock, write_lock, answer: bytes) -> None:
@@ -749,7 +786,7 @@ class Proxy:
             on_result=self.metrics.on_upstream_result,
         )
         self.resolver = Resolver(config, self.cache, self.upstreams, log)
-        self.pool = gevent.pool.Pool(config.max_concurrent)
+        self.pool = TaskLimit(config.max_concurrent, self.resolver.errors)
         self.handler = QueryHandler(
             self.resolver, self.pool, log, config.log_queries, AccessList(config.allow), self.metrics
         )
@@ -824,11 +861,12 @@ class Proxy:
                 self.interceptor.add_addresses()
                 try:
                     self.interceptor.install_rules()
+                    self.registry.keep_node_facts(self.interceptor)
                     if self.http is not None:
                         self.http.start()  # after the addresses: it may listen on the link-local one
                 except (InterceptError, OSError):
                     if not self.registry.peers():
-                        self.interceptor.teardown()  # alone on the node: leave nothing behind
+                        self.registry.tear_down_last(self.interceptor)  # alone on the node: leave nothing behind
                     raise
                 self.registry.set_state(SERVING)
             self.sync_greenlet = gevent.spawn(self._sync_interception)
@@ -872,7 +910,8 @@ class Proxy:
     def _sync_interception(self) -> None:
         while True:
             gevent.sleep(self.config.sync_interval)
-            restored = self.interceptor.sync()
+            with self.registry.locked():  # two instances of a takeover never insert the same rule twice
+                restored = self.interceptor.sync()
             self.rules_ok = self.interceptor.rules_present() if restored else True
 
     def _housekeeping(self) -> None:
@@ -952,7 +991,8 @@ class Proxy:
         if self.registry is not None:
             with self.registry.locked():
                 if not self.registry.peers():
-                    self.interceptor.teardown()  # the last one out: the addresses, now that no answer is in flight
+                    # The last one out: the addresses, now that no answer is in flight.
+                    self.registry.tear_down_last(self.interceptor)
                 self.registry.unregister()
         c = self.resolver.counters
         self.log.info("stopped", handed_over=handed_over, **c.as_dict())

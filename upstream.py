@@ -158,12 +158,14 @@ class Upstreams:
             sock.connect(server.sockaddr)
             sock.sendall(_U16.pack(len(query)) + query)
             while True:
-                length = _U16.unpack(_recv_exact(sock, 2, end))[0]
-                reply = _recv_exact(sock, length, end)
+                length = _U16.unpack(recv_exact(sock, 2, end))[0]
+                reply = recv_exact(sock, length, end)
                 if _matches(reply, qid, question):
                     return reply
         except TimeoutError:
             raise UpstreamError("timeout") from None
+        except EOFError:
+            raise UpstreamError("closed") from None
         except OSError as exc:
             raise UpstreamError(_os_reason(exc)) from None
         finally:
@@ -222,16 +224,20 @@ class Upstreams:
                     self.probe(server, min(self.try_timeout, interval))
 
 
-def _recv_exact(sock: socket.socket, size: int, end: float) -> bytes:
+def recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly size bytes of a stream before the monotonic deadline (DNS over TCP framing, RFC 7766).
+
+    Raises TimeoutError when the deadline passes and EOFError when the peer closes midway.
+    """
     chunks = []
     while size:
-        remaining = end - time.monotonic()
+        remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise UpstreamError("timeout")
+            raise TimeoutError("message not complete in time")
         sock.settimeout(remaining)
         chunk = sock.recv(size)
         if not chunk:
-            raise UpstreamError("closed")
+            raise EOFError("closed mid-message")
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
