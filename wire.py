@@ -286,7 +286,6 @@ class ReplyScan:
         "arcount",
         "ttls",
         "ttl_offsets",
-        "answer_types",
         "soa_ttl",
         "soa_minimum",
         "opt_start",
@@ -298,7 +297,6 @@ class ReplyScan:
     def __init__(self) -> None:
         self.ttls: list[int] = []
         self.ttl_offsets: list[int] = []
-        self.answer_types: list[int] = []
         self.soa_ttl: int | None = None
         self.soa_minimum: int | None = None
         self.opt_start: int | None = None
@@ -349,9 +347,7 @@ def scan_reply(wire: bytes) -> ReplyScan:
             ttl = 0  # RFC 2181 §8: a TTL with the top bit set is treated as zero
         scan.ttls.append(ttl)
         scan.ttl_offsets.append(name_end + 4)
-        if index < ancount:
-            scan.answer_types.append(rtype)
-        elif index < ancount + nscount and rtype == QTYPE_SOA and scan.soa_ttl is None:
+        if ancount <= index < ancount + nscount and rtype == QTYPE_SOA and scan.soa_ttl is None:
             if rdlength < 22:
                 raise WireError("SOA rdata too short")
             scan.soa_ttl = ttl
