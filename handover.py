@@ -13,9 +13,11 @@ must be coordinated is what they share besides the port:
   check.  Membership changes and every decision about the interception (remove leftovers, remove
   the rules, tear down) happen under one directory-wide lock, so an exiting instance never tears
   down what a starting one has just installed: the last one out tears down, no one else does.
+  What one instance changed on the node and the last one must undo (the ``route_localnet`` value
+  found before dnat mode set it) is kept there too, in ``shared.json``.
 * **The queued queries.**  Closing a UDP socket of a ``SO_REUSEPORT`` group drops the datagrams
-  already queued on it.  ``detach_udp`` connects the socket to its own address instead: since
-  Linux 5.4 (commit acdcecc61285, "udp: correct reuseport selection with connected sockets") a
+  already queued on it.  ``detach_udp`` connects the socket to its own address instead: in
+  Linux 5.4 and later (commit acdcecc61285, "udp: correct reuseport selection with connected sockets") a
   connected socket only gets datagrams from its peer, so the kernel steers every new query to the
   other sockets of the group while the old process still reads and answers what it holds.  A TCP
   listener has no such switch: the old one accepts every connection already queued, then closes
@@ -79,14 +81,19 @@ class InstanceRegistry:
         self.id = f"{int(self.started * 1000)}-{os.getpid()}-{secrets.token_hex(4)}"
         self.state = STARTING
         self._lock_fd: int | None = None  # our own lock file, held for our whole life
-        self._dir_fd: int | None = None  # the directory-wide lock while held
-        self._dir_depth = 0
+        self._dir_depth = 0  # nesting of locked()
+        self._holding = False  # the directory-wide flock is ours: stale files may be removed
 
     # -- the directory-wide lock --
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the directory-wide lock (re-entrant); waits by polling so the event loop keeps serving."""
+        """Hold the directory-wide lock (re-entrant); waits by polling so the event loop keeps serving.
+
+        Never raises for the lock itself: after LOCK_TIMEOUT, or if the directory cannot be used, it
+        logs and goes on unlocked (and then removes no stale files), because a proxy that cannot
+        stop would be worse than one that decides without the lock.
+        """
         if self._dir_depth:
             self._dir_depth += 1
             try:
@@ -94,28 +101,32 @@ class InstanceRegistry:
             finally:
                 self._dir_depth -= 1
             return
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.log.error("instance_lock_failed", directory=str(self.directory), error=str(exc))
         deadline = time.monotonic() + self.lock_timeout
         try:
-            while True:
+            while fd is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._holding = True
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         # A holder stuck for a minute (stopped, not dead: death releases it).
-                        # Going on unlocked beats never starting or never stopping.
                         self.log.error("instance_lock_timeout", directory=str(self.directory))
                         break
                     gevent.sleep(LOCK_POLL)
-            self._dir_fd = fd
             self._dir_depth = 1
             yield
         finally:
             self._dir_depth = 0
-            self._dir_fd = None
-            os.close(fd)  # releases the flock
+            self._holding = False
+            if fd is not None:
+                os.close(fd)  # releases the flock
 
     # -- membership --
 
@@ -140,15 +151,18 @@ class InstanceRegistry:
         _, json_path = self._paths(self.id)
         tmp = json_path.with_suffix(".tmp")
         body = {"id": self.id, "pid": os.getpid(), "started": self.started, "state": state}
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, json_path)
+        try:
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, json_path)
+        except OSError as exc:  # e.g. the directory was removed: peers then read us as starting
+            self.log.error("instance_state_not_written", state=state, error=str(exc))
 
     def unregister(self) -> None:
         """Remove this process; call under ``locked()`` so no one sees it half gone."""
         if self._lock_fd is None:
             return
         for path in self._paths(self.id):
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 path.unlink()
         os.close(self._lock_fd)
         self._lock_fd = None
@@ -165,10 +179,10 @@ class InstanceRegistry:
             if instance_id == self.id or lock_path.name == "lock":
                 continue
             if not self._alive(lock_path):
-                if self._dir_depth:
+                if self._holding:
                     # Stale: its holder died without unregistering (kill -9, OOM kill).
                     for path in self._paths(instance_id):
-                        with contextlib.suppress(FileNotFoundError):
+                        with contextlib.suppress(OSError):
                             path.unlink()
                     self.log.info("stale_instance_removed", instance=instance_id)
                 continue
@@ -198,6 +212,42 @@ class InstanceRegistry:
         except (OSError, ValueError, KeyError, TypeError):
             # Between its lock file and its first state file: it is starting.
             return Instance(instance_id, 0, 0.0, STARTING)
+
+    # -- node state that outlives an instance --
+
+    def read_shared(self) -> dict:
+        """Node facts one instance learnt and the last one out needs (e.g. route_localnet before us)."""
+        try:
+            return json.loads((self.directory / "shared.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def write_shared(self, facts: dict) -> None:
+        """Replace the node facts; call under ``locked()``."""
+        path = self.directory / "shared.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(facts))
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.log.error("instance_facts_not_written", error=str(exc))
+
+    def keep_node_facts(self, interceptor) -> None:
+        """After an install: note what the interceptor changed on the node, for the last one out; under ``locked()``."""
+        before = interceptor.route_localnet_before
+        facts = self.read_shared()
+        if before is not None and "route_localnet_before" not in facts:
+            facts["route_localnet_before"] = before
+            self.write_shared(facts)
+
+    def tear_down_last(self, interceptor) -> None:
+        """The last one out: remove the interception and restore what any instance changed; under ``locked()``."""
+        facts = self.read_shared()
+        if interceptor.route_localnet_before is None and "route_localnet_before" in facts:
+            interceptor.route_localnet_before = facts["route_localnet_before"]  # changed by a predecessor
+        interceptor.teardown()
+        if interceptor.route_localnet_before is None and facts:
+            self.write_shared({})  # restored: nothing left to remember
 
     # -- questions the proxy asks --
 

@@ -301,6 +301,19 @@ class Interceptor:
         self._device: str | None = None
         self._route_localnet_before: str | None = None
 
+    @property
+    def route_localnet_before(self) -> str | None:
+        """The route_localnet value found before we set it to 1 (None: we did not change it).
+
+        Node state like the rules: an instance that takes over (handover.py) learns it from the one
+        that changed it, so the last one out restores it.
+        """
+        return self._route_localnet_before
+
+    @route_localnet_before.setter
+    def route_localnet_before(self, value: str | None) -> None:
+        self._route_localnet_before = value
+
     # -- commands ---------------------------------------------------------------------------
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -510,7 +523,10 @@ class Interceptor:
         if self.spec.mode == "none":
             return
         added = self._ensure_rules()
-        if self.spec.mode == "dnat":
+        if self.spec.mode == "dnat" and added:
+            # Only when something changed: with every rule already there (a takeover, the previous
+            # instance's), a flush would drop the translation of queries in flight, whose replies
+            # would then leave with our address instead of the ClusterIP and be rejected.
             for ip in self.spec.cluster_ips:
                 self._flush_conntrack(ip)
         self._log.info(

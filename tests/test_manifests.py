@@ -112,13 +112,39 @@ class TestManifestContent:
         pod = find("DaemonSet")["spec"]["template"]["spec"]
         assert {"operator": "Exists"} in pod["tolerations"]
 
-    def test_rolling_update_without_surge(self) -> None:
-        """Rolling updates replace a small share of nodes at a time and never surge."""
+    def test_rolling_update_surges(self) -> None:
+        """Rolling updates start the new pod next to the old one and never take a node's pod away first (issue 9)."""
         strategy = find("DaemonSet")["spec"]["updateStrategy"]
         assert (strategy["type"], strategy["rollingUpdate"]) == (
             "RollingUpdate",
-            {"maxUnavailable": "10%", "maxSurge": 0},
+            {"maxSurge": 1, "maxUnavailable": 0},
         )
+
+    def test_no_container_port(self) -> None:
+        """No container declares ports: with hostNetwork they become hostPorts, keeping the surge pod off the node."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        assert [c["name"] for c in pod["containers"] if "ports" in c] == []
+
+    def test_state_dir_on_host_path(self) -> None:
+        """The instance registry (--state-dir) is a DirectoryOrCreate hostPath, shared by the old and the new pod."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        state_dir = config()["KUBE_DNS_PROXY_STATE_DIR"]
+        mounts = {m["mountPath"]: m["name"] for m in container("kube-dns-proxy")["volumeMounts"]}
+        volume = next(v for v in pod["volumes"] if v["name"] == mounts[state_dir])
+        assert volume["hostPath"] == {"path": state_dir, "type": "DirectoryOrCreate"}
+
+    def test_grace_period_covers_handover_and_drain(self) -> None:
+        """terminationGracePeriodSeconds leaves room for the handover wait, the drain and the teardown."""
+        pod = find("DaemonSet")["spec"]["template"]["spec"]
+        handover = float(config()["KUBE_DNS_PROXY_HANDOVER_TIMEOUT"])
+        grace = float(config().get("KUBE_DNS_PROXY_GRACE", "3"))
+        assert pod["terminationGracePeriodSeconds"] >= handover + grace + 10
+
+    def test_early_readiness_corrected_before_available(self) -> None:
+        """A readiness success answered by the old process is undone by failed probes within minReadySeconds."""
+        probe = container("kube-dns-proxy")["readinessProbe"]
+        min_ready = find("DaemonSet")["spec"]["minReadySeconds"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] < min_ready
 
     @pytest.mark.parametrize(
         ("name", "caps"),
@@ -175,13 +201,10 @@ class TestManifestContent:
         assert config()["KUBE_DNS_PROXY_LISTEN"].split(",") == [f"{ip}:53" for ip in local_ips]
 
     def test_metrics_annotations_match_port(self) -> None:
-        """The Prometheus annotations name the container's metrics port."""
+        """The Prometheus annotations name the port of KUBE_DNS_PROXY_HTTP, which serves /metrics."""
         annotations = find("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
-        ports = {p["name"]: p["containerPort"] for p in container("kube-dns-proxy")["ports"]}
-        assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == (
-            "true",
-            str(ports["metrics"]),
-        )
+        port = config()["KUBE_DNS_PROXY_HTTP"].rsplit(":", 1)[1]
+        assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", port)
 
     def test_proxy_settings_all_prefixed(self) -> None:
         """Every ConfigMap key is a KUBE_DNS_PROXY_ environment variable."""

@@ -312,10 +312,17 @@ class Lab:
     # observations
 
     def dig(
-        self, server: str, qname: str, *, tcp: bool = False, ns: str | None = None, source_port: int | None = None
+        self,
+        server: str,
+        qname: str,
+        *,
+        tcp: bool = False,
+        ns: str | None = None,
+        source_port: int | None = None,
+        timeout: int = 1,
     ) -> str:
-        """Return dig's first answer line (or its error) for an A query from the pod."""
-        argv = ["dig", f"@{server}", "+time=1", "+tries=1", "+short", qname, "A"]
+        """Return dig's first answer line (or its error) for an A query from the pod (one try)."""
+        argv = ["dig", f"@{server}", f"+time={timeout}", "+tries=1", "+short", qname, "A"]
         if tcp:
             argv.append("+tcp")
         if source_port is not None:
@@ -409,7 +416,9 @@ def lookup(lab: Lab, transport: str, qname: str) -> str:
     """Resolve qname from the pod through the fake kube-dns ClusterIP with one transport."""
     if transport == "glibc":
         return lab.getent(qname)
-    return lab.dig(CLUSTER_IP, qname, tcp=transport == "tcp")
+    # One try, 3 s: a miss goes through the proxy to the Python stand-in kube-dns, which on a
+    # loaded CI machine can take more than dig's usual 1 s.
+    return lab.dig(CLUSTER_IP, qname, tcp=transport == "tcp", timeout=3)
 
 
 TRANSPORTS = ["udp", "tcp", "glibc"]
