@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterable
 from gevent import socket
 from gevent.pywsgi import WSGIServer
 
+import wire
 from config import Endpoint
 
-HEALTH_QNAME = b"\x06health\x0ekube-dns-proxy\x07invalid\x00"  # answered locally (RFC 6761 §6.4)
+# An A question for health.kube-dns-proxy.invalid., answered locally (RFC 6761 §6.4).
+HEALTH_QUESTION = b"\x06health\x0ekube-dns-proxy\x07invalid\x00" + struct.pack("!HH", 1, 1)
 
 
 def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
@@ -20,7 +22,7 @@ def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
     if host in ("0.0.0.0", "::"):
         host = "::1" if host == "::" else "127.0.0.1"
     qid = secrets.randbits(16)
-    query = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + HEALTH_QNAME + struct.pack("!HH", 1, 1)
+    query = wire.build_upstream_query(qid, HEALTH_QUESTION, do=False, cd=False)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
