@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -616,9 +617,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
         and "upstreams" not in from_file
         and UPSTREAM_PLACEHOLDER in environ.get(ENV_PREFIX + "UPSTREAM", "")
     ):
-        raw = environ[ENV_PREFIX + "UPSTREAM"].replace(" ", ",").split(",")
-        parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in raw if u]
-    values: dict[str, object] = {}
+        env_upstreams = environ[ENV_PREFIX + "UPSTREAM"].replace(" ", ",").split(",")
+        parsed["upstreams"] = [_fill_upstream_placeholder(u, environ) for u in env_upstreams if u]
+    # Field name -> value, typed per flag by the FLAGS table at run time; _validate checks the result.
+    values: dict[str, Any] = {}
     for flag in FLAGS:
         value = parsed[flag.field]
         if value is None and flag.field in from_file:
@@ -638,7 +640,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str] | None = None) 
                 value = _convert(flag, value, flag.option)
         if value is not None:
             values[flag.field] = tuple(value) if flag.repeatable else value
-    config = dataclasses.replace(Config(), **values)  # type: ignore[arg-type]
+    config = dataclasses.replace(Config(), **values)
     return _validate(config)
 
 
