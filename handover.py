@@ -38,8 +38,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gevent
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from netsetup import Interceptor
 
 STARTING = "starting"
 SERVING = "serving"
@@ -72,7 +78,7 @@ def netns_id() -> str:
 class InstanceRegistry:
     """Proxy instances of one network namespace, each alive while it holds the flock on its file."""
 
-    def __init__(self, state_dir: str, log, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(self, state_dir: str, log: FilteringBoundLogger, *, lock_timeout: float = LOCK_TIMEOUT) -> None:
         self.directory = Path(state_dir) / f"netns-{netns_id()}"
         self.log = log
         self.lock_timeout = lock_timeout
@@ -215,14 +221,14 @@ class InstanceRegistry:
 
     # -- node state that outlives an instance --
 
-    def read_shared(self) -> dict:
+    def read_shared(self) -> dict[str, Any]:
         """Node facts one instance learnt and the last one out needs (e.g. route_localnet before us)."""
         try:
             return json.loads((self.directory / "shared.json").read_text())
         except (OSError, ValueError):
             return {}
 
-    def write_shared(self, facts: dict) -> None:
+    def write_shared(self, facts: dict[str, Any]) -> None:
         """Replace the node facts; call under ``locked()``."""
         path = self.directory / "shared.json"
         tmp = path.with_suffix(".tmp")
@@ -232,7 +238,7 @@ class InstanceRegistry:
         except OSError as exc:
             self.log.error("instance_facts_not_written", error=str(exc))
 
-    def keep_node_facts(self, interceptor) -> None:
+    def keep_node_facts(self, interceptor: Interceptor) -> None:
         """After an install: note what the interceptor changed on the node, for the last one out; under ``locked()``."""
         before = interceptor.route_localnet_before
         facts = self.read_shared()
@@ -240,7 +246,7 @@ class InstanceRegistry:
             facts["route_localnet_before"] = before
             self.write_shared(facts)
 
-    def tear_down_last(self, interceptor) -> None:
+    def tear_down_last(self, interceptor: Interceptor) -> None:
         """The last one out: remove the interception and restore what any instance changed; under ``locked()``."""
         facts = self.read_shared()
         if interceptor.route_localnet_before is None and "route_localnet_before" in facts:
@@ -267,7 +273,7 @@ class InstanceRegistry:
 # -- sockets --------------------------------------------------------------------------------------
 
 
-def detach_udp(sock) -> None:
+def detach_udp(sock: socket.socket) -> None:
     """Take a UDP socket out of its SO_REUSEPORT group's steering; what it holds stays readable.
 
     Connected to its own address, it only matches datagrams sent from that address and port, which
@@ -282,13 +288,13 @@ def detach_udp(sock) -> None:
     sock.connect((peer, port))
 
 
-def queued_bytes(sock) -> int:
+def queued_bytes(sock: socket.socket) -> int:
     """The size of the next queued datagram (FIONREAD), 0 when none is queued."""
     buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return struct.unpack("i", buf)[0]
 
 
-def wait_until_read(sock, deadline: float) -> bool:
+def wait_until_read(sock: socket.socket, deadline: float) -> bool:
     """Wait (yielding) until the socket's queue stays empty for two polls; False at the deadline."""
     quiet = 0
     while time.monotonic() < deadline:
