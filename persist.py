@@ -11,7 +11,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import gevent
 import gevent.event
@@ -19,6 +19,9 @@ import gevent.lock
 
 import wire
 from cache import AnswerCache, Entry
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 # File layout (all integers big-endian):
 #   header  magic "KDPCACHE" | version u16 | reserved u16 | entry count u32 | body length u64 | sha256(body)
@@ -254,7 +257,7 @@ class CachePersister:
         path: str,
         cache: AnswerCache,
         max_stale: float,
-        log,
+        log: FilteringBoundLogger,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
