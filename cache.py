@@ -37,10 +37,10 @@ class TtlPolicy:
 
 
 class Entry:
-    """One cached answer: the reply's wire form without OPT, where its TTLs sit, and when it was stored.
+    """One cached answer: the reply's wire form without OPT, where its TTLs sit, and when it expires.
 
-    `stored_at` is monotonic time; `ttl` is how long the entry is fresh. The remaining TTL is
-    computed when read and goes negative once the entry is stale.
+    `expires_at` is monotonic time (the store time plus `ttl`, how long the entry is fresh). The
+    remaining TTL is computed when read and goes negative once the entry is stale.
     """
 
     __slots__ = ("expires_at", "hits", "rcode", "rendered", "retry_after", "ttl", "ttl_offsets", "wire")
@@ -57,14 +57,9 @@ class Entry:
         # upstream: set after a failed refresh (RFC 8767 §5 failure recheck timer).
         self.retry_after = 0.0
         # UDP answers already rendered, by the client query less its ID: (ttl, answer). Clients
-        # repeat byte-identical queries, so a hit usually only swaps in the ID (issue 3). Made on
+        # repeat byte-identical queries, so a hit usually only swaps in the ID. Made on
         # the first hit: most entries of a large cache are never hit twice.
         self.rendered: dict[bytes, tuple[int, bytes]] | None = None
-
-    @property
-    def stored_at(self) -> float:
-        """Monotonic time the entry was stored (derived, to keep entries small)."""
-        return self.expires_at - self.ttl
 
     def remaining_ttl(self, now: float) -> float:
         """Seconds of freshness left; zero or less means stale."""

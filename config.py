@@ -240,12 +240,6 @@ class ForwardZone:
     max_ttl: int | None = None
     max_negative_ttl: int | None = None
 
-    @property
-    def zone_wire(self) -> bytes:
-        """The zone in lower-case wire form, as it ends the qname part of a cache key."""
-        labels = [label for label in self.zone.split(".") if label]
-        return b"".join(bytes((len(label),)) + label.encode("ascii") for label in labels) + b"\x00"
-
     def __str__(self) -> str:
         words = [self.zone + "=" + ",".join(str(e) for e in self.upstreams)]
         if self.force_tcp:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
 
 import gevent
 import gevent.event
-import structlog
 
 import config as config_module
 from config import Config, ConfigError
+from logs import set_log_level
 
 POLL_INTERVAL = 2.0  # seconds between two looks at the file's metadata (no inotify dependency)
 
@@ -126,20 +125,9 @@ class ConfigReloader:
             self.log.warning("config_change_needs_restart", settings=needs_restart)
         applied = dataclasses.replace(new, **{name: getattr(old, name) for name in needs_restart})
         if applied.log_level != old.log_level:
-            set_log_level(self.log, applied.log_level)
+            set_log_level(applied.log_level)
         self.proxy.reconfigure(applied)
         described = config_module.describe(applied)
         live = {name: described[name] for name in changed if name in LIVE_FIELDS}
         self.log.info("config_reloaded", trigger=trigger, changed=live)
         return True
-
-
-def set_log_level(log, level: str) -> None:
-    """Change the level of the proxy's logger while it runs (filtered levels stay free)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())))
-    # structlog.get_logger() returns a lazy proxy that keeps the logger it built on first use
-    # (cache_logger_on_first_use); dropping that lets the next call build one with the new level.
-    try:
-        vars(log).pop("bind", None)
-    except TypeError:
-        pass  # not a lazy proxy: it already follows the configuration on each call

@@ -10,47 +10,30 @@ import argparse
 import ipaddress
 import json
 import os
-import struct
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
+import wire
+from cache import AnswerCache, Entry
 from metrics import qtype_name
 
 MAX_LISTED = 1000
 
 
-def name_to_wire(name: str) -> bytes:
-    """Lower-cased wire form of a dotted name, as cache keys hold it; ValueError for a bad name."""
-    labels = [label for label in name.strip().rstrip(".").lower().split(".") if label] if name.strip(".") else []
-    out = b""
-    for label in labels:
-        raw = label.encode("ascii")
-        if not 0 < len(raw) <= 63:
-            raise ValueError(f"bad label in {name!r}")
-        out += bytes((len(raw),)) + raw
-    if len(out) + 1 > 255:
-        raise ValueError(f"name too long: {name!r}")
-    return out + b"\x00"
-
-
-def _describe(key: bytes, entry, now: float) -> dict:
-    qname_wire = key[:-5]
-    labels, pos = [], 0
-    while qname_wire[pos]:
-        length = qname_wire[pos]
-        labels.append(qname_wire[pos + 1 : pos + 1 + length].decode("ascii", "backslashreplace"))
-        pos += length + 1
-    qtype, qclass = struct.unpack("!HH", key[-5:-1])
+def _describe(key: bytes, entry: Entry, now: float) -> dict[str, object]:
+    qtype, qclass = wire.key_question(key)
+    do, cd = wire.key_flags(key)
     remaining = entry.remaining_ttl(now)
     return {
-        "name": ".".join(labels) + ".",
+        "name": wire.name_to_text(wire.key_qname(key), 0),
         "type": qtype_name(qtype) if qtype_name(qtype) != "other" else f"TYPE{qtype}",
         "class": qclass,
-        "do": bool(key[-1] & 2),
-        "cd": bool(key[-1] & 1),
+        "do": do,
+        "cd": cd,
         "rcode": entry.rcode,
         "state": "fresh" if remaining > 0 else "stale",
         "remaining_ttl": max(0, int(remaining)),
@@ -62,16 +45,16 @@ def _describe(key: bytes, entry, now: float) -> dict:
 class CacheControl:
     """The /cache pages over a running proxy's AnswerCache."""
 
-    def __init__(self, cache, timer: Callable[[], float], log) -> None:
+    def __init__(self, cache: AnswerCache, timer: Callable[[], float], log: Any) -> None:
         self.cache = cache
         self.timer = timer
         self.log = log
 
-    def matching(self, name: str | None) -> list[tuple[bytes, object]]:
+    def matching(self, name: str | None) -> list[tuple[bytes, Entry]]:
         if name is None:
             return list(self.cache.entries())
-        wire = name_to_wire(name)
-        return [(key, entry) for key, entry in self.cache.entries() if key[:-5] == wire]
+        qname = wire.name_to_wire(name)
+        return [(key, entry) for key, entry in self.cache.entries() if wire.key_qname(key) == qname]
 
     def show(self, environ: dict) -> tuple[str, str, bytes]:
         params = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))

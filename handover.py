@@ -1,7 +1,7 @@
 """Takeover between proxy instances on one node: the instance registry and the drain of a socket.
 
 An upgrade runs the new proxy next to the old one (a DaemonSet surge pod) until the old one exits.
-Both hold the listening sockets at once (``SO_REUSEPORT``, see ``proxy.bind_sockets``), so what
+Both hold the listening sockets at once (``SO_REUSEPORT``, see ``server.bind_sockets``), so what
 must be coordinated is what they share besides the port:
 
 * **The interception** (rules and addresses, ``netsetup``) is node state, not process state.  Each
@@ -21,7 +21,7 @@ must be coordinated is what they share besides the port:
   connected socket only gets datagrams from its peer, so the kernel steers every new query to the
   other sockets of the group while the old process still reads and answers what it holds.  A TCP
   listener has no such switch: the old one accepts every connection already queued, then closes
-  in the same breath (see ``proxy.DnsTcpServer.hand_over``).
+  in the same breath (see ``server.DnsTcpServer.hand_over``).
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gevent
+
+from netsetup import InterceptError
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -257,17 +259,99 @@ class InstanceRegistry:
 
     # -- questions the proxy asks --
 
-    def successor_serving(self) -> bool:
-        """Whether another live instance serves (it can take our queries over)."""
-        return any(p.state == SERVING for p in self.peers())
-
-    def successor_starting(self) -> bool:
-        """Whether another live instance registered but does not serve yet."""
-        return any(p.state == STARTING for p in self.peers())
-
     def newer_starting(self) -> bool:
         """Whether an instance started after us is still starting (a readiness probe may be its own)."""
         return any(p.state == STARTING and (p.started, p.id) > (self.started, self.id) for p in self.peers())
+
+
+class NodeInterception:
+    """This instance's share of the node's interception: the rules and addresses, and the registry
+    of the instances that hold them together during a takeover.
+
+    The proxy's lifecycle, in order: claim() before binding, install() once serving, sync() every
+    --sync-interval, hand_over() on SIGTERM, release() when done.
+    """
+
+    def __init__(self, interceptor: Interceptor, registry: InstanceRegistry, log: FilteringBoundLogger) -> None:
+        self.interceptor = interceptor
+        self.registry = registry
+        self.log = log
+        self.rules_ok = True
+
+    def claim(self) -> None:
+        """Register on the node; alone, first remove the leftovers of a run killed with -9.
+
+        With a live instance on the node (a takeover) its rules and addresses are ours as well and stay.
+        """
+        with self.registry.locked():
+            if not self.registry.peers():
+                self.interceptor.remove_leftovers()
+            self.registry.register()
+
+    def install(self, then: Callable[[], None]) -> None:
+        """Add the addresses, install the rules and call `then` (what must follow the addresses),
+        then say "serving", all in one step under the node's lock: a predecessor deciding whether to
+        hand over sees us either still starting or serving with the rules installed.
+
+        Raises InterceptError or OSError; alone on the node, nothing is left behind then.
+        """
+        registry = self.registry
+        with registry.locked():
+            self.interceptor.add_addresses()
+            try:
+                self.interceptor.install_rules()
+                registry.keep_node_facts(self.interceptor)
+                then()
+            except (InterceptError, OSError):
+                if not registry.peers():
+                    registry.tear_down_last(self.interceptor)
+                raise
+            registry.set_state(SERVING)
+
+    def sync(self) -> None:
+        """Restore missing rules and addresses; rules_ok says whether they are all in place."""
+        with self.registry.locked():  # two instances of a takeover never insert the same rule twice
+            restored = self.interceptor.sync()
+        self.rules_ok = self.interceptor.rules_present() if restored else True
+
+    def instances(self) -> int:
+        """How many instances serve on the node, this one included."""
+        return 1 + len(self.registry.peers())
+
+    def newer_starting(self) -> bool:
+        return self.registry.newer_starting()
+
+    def hand_over(self, timeout: float) -> bool:
+        """True when a successor serves and keeps the interception; else the rules are removed.
+
+        A successor that registered but does not serve yet gets up to `timeout` seconds, during
+        which we keep answering as before. The decision is taken under the node's lock, where the
+        successor's "serving" means its rules are installed.
+        """
+        registry = self.registry
+        registry.set_state(STOPPING)
+        waited_until = time.monotonic() + timeout
+        while time.monotonic() < waited_until:
+            peers = registry.peers()
+            if any(p.state == SERVING for p in peers) or not any(p.state == STARTING for p in peers):
+                break
+            gevent.sleep(0.05)
+        with registry.locked():
+            successors = [p.id for p in registry.peers() if p.state == SERVING]
+            if successors:
+                self.log.info("handover", successors=successors)
+                return True
+            # Alone, or the successor is late: new queries fall back to kube-dns at once while ours
+            # drain; a successor that comes up later installs the rules again.
+            self.interceptor.remove_rules()
+            return False
+
+    def release(self) -> None:
+        """Leave the registry; the last one out removes the addresses, now that no answer is in flight."""
+        with self.registry.locked():
+            if not self.registry.peers():
+                self.registry.tear_down_last(self.interceptor)
+            self.registry.unregister()
 
 
 # -- sockets --------------------------------------------------------------------------------------

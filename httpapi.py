@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import struct
 from collections.abc import Callable, Iterable
 
 from gevent import socket
@@ -12,9 +11,6 @@ from gevent.pywsgi import WSGIServer
 import wire
 from config import Endpoint
 
-# An A question for health.kube-dns-proxy.invalid., answered locally (RFC 6761 §6.4).
-HEALTH_QUESTION = b"\x06health\x0ekube-dns-proxy\x07invalid\x00" + struct.pack("!HH", 1, 1)
-
 
 def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
     """Ask our own DNS socket a question it answers without the upstream; any matching reply is alive."""
@@ -22,21 +18,20 @@ def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
     if host in ("0.0.0.0", "::"):
         host = "::1" if host == "::" else "127.0.0.1"
     qid = secrets.randbits(16)
-    query = wire.build_upstream_query(qid, HEALTH_QUESTION, do=False, cd=False)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect((host, endpoint.port))
-            sock.send(query)
+            sock.send(wire.self_query(qid))
             reply = sock.recv(512)
         except OSError:
             return False
-    return len(reply) >= 12 and struct.unpack_from("!H", reply)[0] == qid
+    return wire.is_reply_to(reply, qid)
 
 
 class _SharedPortWSGIServer(WSGIServer):
-    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port (issue 9)."""
+    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port."""
 
     @classmethod
     def get_listener(cls, address, backlog=None, family=None):

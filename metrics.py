@@ -9,7 +9,8 @@ from __future__ import annotations
 import bisect
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -56,17 +57,59 @@ def rcode_name(rcode: int) -> str:
     return RCODE_NAMES.get(rcode, str(rcode))
 
 
-class Metrics:
-    """Everything /metrics shows that the counters of the query path do not already hold."""
+class Stats:
+    """Every count the proxy keeps: the query path adds to plain ints and dicts, /metrics reads them.
+
+    A cache hit pays a few increments, never a prometheus_client call; the families are built at
+    scrape time by ProxyCollector. as_dict() is what the summary and "stopped" log lines report.
+    """
+
+    COUNTERS = (
+        "queries",
+        "hits",
+        "stale_served",
+        "misses",
+        "coalesced",
+        "servfail",
+        "dropped_malformed",
+        "dropped_qr",
+        "dropped_overload",
+        "formerr",
+        "notimp",
+        "handler_errors",
+        "refused",
+        "prefetches",
+        "negative_held",
+    )
 
     def __init__(self) -> None:
-        self.queries: dict[tuple[str, int], int] = defaultdict(int)  # (proto, qtype)
+        self.queries = 0  # packets received
+        self.hits = 0
+        self.stale_served = 0
+        self.misses = 0
+        self.coalesced = 0
+        self.servfail = 0
+        self.dropped_malformed = 0
+        self.dropped_qr = 0
+        self.dropped_overload = 0
+        self.formerr = 0
+        self.notimp = 0
+        self.handler_errors = 0
+        self.refused = 0
+        self.prefetches = 0
+        self.negative_held = 0
+        # How long past expiry the stalest answer of the current stale episode was (0: none).
+        self.stale_max_age = 0.0
+        self.queries_by_type: dict[tuple[str, int], int] = defaultdict(int)  # (proto, qtype)
         self.responses: dict[int, int] = defaultdict(int)  # rcode
         self.answer_latency: dict[str, Histogram] = defaultdict(Histogram)  # cache outcome
         self.upstream_results: dict[tuple[str, str, str], int] = defaultdict(int)  # (server, proto, result)
         self.upstream_latency: dict[str, Histogram] = defaultdict(Histogram)  # server
 
-    def on_upstream_result(self, server, protocol: str, result: str, seconds: float) -> None:
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def on_upstream_result(self, server: Any, protocol: str, result: str, seconds: float) -> None:
         """Hook for upstream.Upstreams: one call per try."""
         name = str(server.endpoint)
         self.upstream_results[(name, protocol, result)] += 1
@@ -75,70 +118,72 @@ class Metrics:
 
 
 class ProxyCollector:
-    """A prometheus_client collector reading the live proxy when scraped."""
+    """A prometheus_client collector reading the live proxy's stats, cache and upstreams when scraped."""
 
-    def __init__(self, proxy, metrics: Metrics, timer: Callable[[], float] = time.monotonic) -> None:
-        self.proxy = proxy
-        self.metrics = metrics
+    def __init__(
+        self,
+        stats: Stats,
+        cache: Any,
+        upstream_groups: Callable[[], Iterable[Any]],
+        persister: Any = None,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stats = stats
+        self.cache = cache
+        self.upstream_groups = upstream_groups
+        self.persister = persister
         self.timer = timer
 
-    def collect(self) -> Iterator:
-        proxy, m = self.proxy, self.metrics
-        counters = proxy.resolver.counters
-        resolver = proxy.resolver
+    def collect(self) -> Iterator[Any]:
+        s = self.stats
 
         queries = CounterMetricFamily(PREFIX + "queries", "DNS queries received, by protocol and qtype.",
                                       labels=["proto", "qtype"])  # fmt: skip
         merged: dict[tuple[str, str], int] = defaultdict(int)
-        for (proto, qtype), count in list(m.queries.items()):
+        for (proto, qtype), count in list(s.queries_by_type.items()):
             merged[(proto, qtype_name(qtype))] += count
-        for proto, by_qtype in resolver.hit_qtypes.items():
-            for qtype, count in list(by_qtype.items()):
-                merged[(proto, qtype_name(qtype))] += count
-        for (proto, qtype), count in sorted(merged.items()):
-            queries.add_metric([proto, qtype], count)
+        for (proto, qname_type), count in sorted(merged.items()):
+            queries.add_metric([proto, qname_type], count)
         yield queries
 
         responses = CounterMetricFamily(PREFIX + "responses", "DNS responses sent, by rcode.", labels=["rcode"])
         merged_rcodes: dict[str, int] = defaultdict(int)
-        for rcode, count in list(m.responses.items()):
+        for rcode, count in list(s.responses.items()):
             merged_rcodes[rcode_name(rcode)] += count
-        for rcode, count in list(resolver.hit_rcodes.items()):
-            merged_rcodes[rcode_name(rcode)] += count
-        for rcode, count in sorted(merged_rcodes.items()):
-            responses.add_metric([rcode], count)
+        for rcode_text, count in sorted(merged_rcodes.items()):
+            responses.add_metric([rcode_text], count)
         yield responses
 
         dropped = CounterMetricFamily(PREFIX + "dropped", "Packets dropped without an answer, by reason.",
                                       labels=["reason"])  # fmt: skip
-        dropped.add_metric(["malformed"], counters.dropped_malformed)
-        dropped.add_metric(["qr"], counters.dropped_qr)
-        dropped.add_metric(["overload"], counters.dropped_overload)
+        dropped.add_metric(["malformed"], s.dropped_malformed)
+        dropped.add_metric(["qr"], s.dropped_qr)
+        dropped.add_metric(["overload"], s.dropped_overload)
         yield dropped
 
         refused = CounterMetricFamily(PREFIX + "refused_clients", "Queries refused by the --allow access list.")
-        refused.add_metric([], counters.refused)
+        refused.add_metric([], s.refused)
         yield refused
 
         hits = CounterMetricFamily(PREFIX + "cache_hits", "Queries answered from the cache, by entry state.",
                                    labels=["state"])  # fmt: skip
-        hits.add_metric(["fresh"], counters.hits)
-        hits.add_metric(["stale"], counters.stale_served)
+        hits.add_metric(["fresh"], s.hits)
+        hits.add_metric(["stale"], s.stale_served)
         yield hits
         misses = CounterMetricFamily(PREFIX + "cache_misses", "Queries for names not in the cache.")
-        misses.add_metric([], counters.misses)
+        misses.add_metric([], s.misses)
         yield misses
         stale = CounterMetricFamily(PREFIX + "stale_answers", "Stale answers served (RFC 8767).")
-        stale.add_metric([], counters.stale_served)
+        stale.add_metric([], s.stale_served)
         yield stale
         stale_age = GaugeMetricFamily(
             PREFIX + "stale_answer_max_age_seconds",
             "How long past expiry the stalest answer served in the current stale episode was (0: none).",
         )
-        stale_age.add_metric([], resolver.stale_max_age if resolver.stale_since is not None else 0.0)
+        stale_age.add_metric([], s.stale_max_age)
         yield stale_age
 
-        cache = proxy.cache
+        cache = self.cache
         fresh_count, stale_count = cache.counts(self.timer())
         entries = GaugeMetricFamily(PREFIX + "cache_entries", "Cache entries, by state.", labels=["state"])
         entries.add_metric(["fresh"], fresh_count)
@@ -154,35 +199,34 @@ class ProxyCollector:
         inserts.add_metric([], cache.inserts)
         yield inserts
         coalesced = CounterMetricFamily(PREFIX + "coalesced", "Queries that joined an upstream query in flight.")
-        coalesced.add_metric([], counters.coalesced)
+        coalesced.add_metric([], s.coalesced)
         yield coalesced
 
         upstream = CounterMetricFamily(PREFIX + "upstream_queries", "Tries sent upstream, by server, protocol, result.",
                                        labels=["upstream", "proto", "result"])  # fmt: skip
-        for (server, proto, result), count in sorted(m.upstream_results.items()):
+        for (server, proto, result), count in sorted(s.upstream_results.items()):
             upstream.add_metric([server, proto, result], count)
         yield upstream
         up = GaugeMetricFamily(PREFIX + "upstream_up", "1 while the upstream is healthy, 0 while marked down.",
                                labels=["upstream"])  # fmt: skip
-        for group in proxy.upstream_groups():
+        for group in self.upstream_groups():
             for server in group.servers:
                 up.add_metric([str(server.endpoint)], 0 if server.down else 1)
         yield up
-        persister = getattr(proxy, "persister", None)
-        if persister is not None:
-            yield from _persistence_families(persister)
+        if self.persister is not None:
+            yield from _persistence_families(self.persister)
         yield _histogram_family(PREFIX + "upstream_duration_seconds", "Time of answered upstream tries.",
-                                "upstream", m.upstream_latency)  # fmt: skip
+                                "upstream", s.upstream_latency)  # fmt: skip
         yield _histogram_family(
             PREFIX + "answer_duration_seconds",
             "Time from query in to answer out, by cache outcome (hits sampled 1 in 64).",
             "cache",
-            m.answer_latency,
+            s.answer_latency,
         )
 
 
-def _persistence_families(persister) -> Iterator:
-    """The cache file (issue 6): saves, the last save's size and duration, what the start loaded."""
+def _persistence_families(persister: Any) -> Iterator[Any]:
+    """The cache file: saves, the last save's size and duration, what the start loaded."""
     saves = CounterMetricFamily(PREFIX + "cache_saves", "Snapshots of the cache written to --cache-file, by result.",
                                 labels=["result"])  # fmt: skip
     saves.add_metric(["ok"], persister.saves)
@@ -200,14 +244,16 @@ def _persistence_families(persister) -> Iterator:
         yield gauge
 
 
-def _histogram_family(name: str, documentation: str, label: str, histograms: dict[str, Histogram]):
+def _histogram_family(
+    name: str, documentation: str, label: str, histograms: dict[str, Histogram]
+) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=[label])
     for value, histogram in sorted(histograms.items()):
         family.add_metric([value], histogram.cumulative(), sum_value=histogram.sum)
     return family
 
 
-def make_registry(proxy, metrics: Metrics) -> CollectorRegistry:
+def make_registry(collector: ProxyCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(proxy, metrics))
+    registry.register(collector)
     return registry

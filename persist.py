@@ -167,11 +167,11 @@ def check_record(record: Record, saved_wall: float) -> None:
     if tuple(scan.ttl_offsets) != tuple(record.ttl_offsets):
         raise CacheFileError("ttl offsets do not match the stored answer")
     key = record.key
-    # The key is the question with the name lower-cased, then the DO/CD bits (wire.parse_query).
-    qend = scan.question_end
-    if len(key) != qend - 11 or key[-1] > (wire.KEY_DO | wire.KEY_CD):
+    # The key must be the one the stored answer's question makes, with some DO and CD bits.
+    if not key:
         raise CacheFileError("key does not match the stored answer")
-    if key[:-5] != reply[12 : qend - 4].lower() or key[-5:-1] != reply[qend - 4 : qend]:
+    do, cd = wire.key_flags(key)
+    if key != wire.cache_key(reply[12 : scan.question_end], do, cd):
         raise CacheFileError("key does not match the stored answer")
 
 
@@ -227,7 +227,7 @@ def write_atomic(path: str, chunks: list[bytes]) -> int:
     tmp = path + ".tmp"
     directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        # During a takeover two proxies share the file (issue 9): a flock on the directory makes
+        # During a takeover two proxies share the file: a flock on the directory makes
         # their saves take turns, else both would write the one temporary file at once.
         fcntl.flock(directory, fcntl.LOCK_EX)
         # O_NOFOLLOW: a symlink planted at the temporary name must not make us truncate another file.

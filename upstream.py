@@ -12,7 +12,9 @@ import secrets
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import gevent
 from gevent import socket
@@ -23,6 +25,7 @@ from config import Endpoint
 _U16 = struct.Struct("!H")
 MAX_MESSAGE = 65535
 FAILURES_BEFORE_DOWN = 2  # consecutive failed tries, as CoreDNS forward's max_fails default
+PROBE_QUESTION = b"\x00" + struct.pack("!HH", wire.QTYPE_NS, 1)  # ". NS": cheap, any reply means alive
 
 
 class UpstreamError(Exception):
@@ -42,8 +45,6 @@ class Server:
     down: bool = False
     down_since: float = 0.0
     up_since: float = -math.inf  # monotonic time it was last marked up again after being down
-    queries: int = 0
-    results: dict[str, int] = field(default_factory=dict)
 
     @property
     def family(self) -> int:
@@ -63,7 +64,7 @@ class Upstreams:
         try_timeout: float,
         deadline: float,
         force_tcp: bool,
-        log,
+        log: Any,
         on_result: Callable[[Server, str, str, float], None] | None = None,
     ) -> None:
         self.servers = [Server(e) for e in endpoints]
@@ -103,7 +104,6 @@ class Upstreams:
     def _try(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
         started = time.monotonic()
         protocol = "tcp" if self.force_tcp else "udp"
-        server.queries += 1
         try:
             if self.force_tcp:
                 reply = self._exchange_tcp(server, question, do, cd, timeout)
@@ -172,7 +172,6 @@ class Upstreams:
             sock.close()
 
     def _record(self, server: Server, protocol: str, result: str, started: float) -> None:
-        server.results[result] = server.results.get(result, 0) + 1
         if self.on_result is not None:
             self.on_result(server, protocol, result, time.monotonic() - started)
 
@@ -204,7 +203,7 @@ class Upstreams:
 
     def probe(self, server: Server, timeout: float) -> bool:
         """Ask a down server `. NS` (answer content ignored); a reply marks it up."""
-        question = b"\x00" + struct.pack("!HH", wire.QTYPE_NS, 1)
+        question = PROBE_QUESTION
         try:
             if self.force_tcp:
                 self._exchange_tcp(server, question, False, False, timeout)
@@ -215,16 +214,30 @@ class Upstreams:
         self.mark_up(server)
         return True
 
-    def run_prober(self, interval: float) -> None:
-        """Forever: every `interval` seconds, probe each down server (RFC 8767 failure recheck)."""
-        while True:
-            gevent.sleep(interval)
-            for server in self.servers:
-                if server.down:
-                    self.probe(server, min(self.try_timeout, interval))
+    def probe_down(self, timeout: float) -> None:
+        """Probe each server marked down, one after the other."""
+        for server in self.servers:
+            if server.down:
+                self.probe(server, timeout)
 
 
-def recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+def run_prober(upstream_groups: Callable[[], Iterable[Upstreams]], interval: Callable[[], float]) -> None:
+    """Forever: every interval() seconds, probe the down servers of every group at once (RFC 8767 §5).
+
+    Both are callables: a reload swaps the groups (--forward) and the interval (--failure-recheck).
+    """
+    while True:
+        seconds = interval()
+        gevent.sleep(seconds)
+        probes = [
+            gevent.spawn(upstreams.probe_down, min(upstreams.try_timeout, seconds))
+            for upstreams in upstream_groups()
+            if any(server.down for server in upstreams.servers)
+        ]
+        gevent.joinall(probes)
+
+
+def recv_exact(sock: Any, size: int, deadline: float) -> bytes:
     """Exactly size bytes of a stream before the monotonic deadline (DNS over TCP framing, RFC 7766).
 
     Raises TimeoutError when the deadline passes and EOFError when the peer closes midway.

@@ -8,9 +8,9 @@ the proxy's tag (``netsetup.Interceptor.teardown``), and kube-proxy's path to ku
 again.  It then waits, without probing, until the proxy has installed its rules again (the
 restarted proxy removes leftovers, binds, adds addresses, installs rules) and re-arms.
 
-Probe: a stdlib UDP socket and a hand-built query; any reply with our ID and QR=1 counts as
-alive, whatever its rcode, like CoreDNS forward's health check.  The default qname is under
-``invalid.``, which RFC 6761 §6.4 lets a resolver answer with NXDOMAIN without asking anyone.
+Probe: a stdlib UDP socket and the proxy's self-check query (``wire.self_query``); any reply
+with our ID and QR=1 counts as alive, whatever its rcode, like CoreDNS forward's health check.
+The default qname is under ``invalid.``, which RFC 6761 §6.4 lets a resolver answer with NXDOMAIN without asking anyone.
 """
 
 from __future__ import annotations
@@ -20,22 +20,17 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import structlog
-
 import netsetup
+import wire
+from logs import configure_logging
 
 DEFAULT_QNAME = "kube-dns-proxy-probe.invalid."
-QTYPE_A = 1
-QCLASS_IN = 1
-FLAG_RD = 0x0100
-FLAG_QR = 0x8000
 ENV_PREFIX = "KUBE_DNS_PROXY_WATCHDOG_"
 
 
@@ -47,16 +42,6 @@ class Teardown(Protocol):
     def teardown(self) -> None: ...
 
 
-def build_query(qname: str, qid: int, qtype: int = QTYPE_A) -> bytes:
-    """Return a wire-format query with RD set for ``qname`` (RFC 1035 §4.1)."""
-    labels = [label for label in qname.rstrip(".").split(".") if label]
-    wire = b"".join(bytes([len(e)]) + e for e in (label.encode("ascii") for label in labels))
-    if any(len(label) > 63 for label in labels) or len(wire) + 1 > 255:
-        raise ValueError(f"qname {qname!r} is too long")
-    header = struct.pack("!HHHHHH", qid, FLAG_RD, 1, 0, 0, 0)
-    return header + wire + b"\x00" + struct.pack("!HH", qtype, QCLASS_IN)
-
-
 def probe(address: tuple[str, int], qname: str, timeout: float) -> bool:
     """Send one query over UDP; tell whether a reply with our ID came back within ``timeout``."""
     qid = secrets.randbelow(0x10000)
@@ -65,14 +50,11 @@ def probe(address: tuple[str, int], qname: str, timeout: float) -> bool:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             # connect() so an ICMP port unreachable (proxy gone) fails at once: ECONNREFUSED.
             sock.connect(address)
-            sock.send(build_query(qname, qid))
+            sock.send(wire.self_query(qid, qname))
             while (remaining := deadline - time.monotonic()) > 0:
                 sock.settimeout(remaining)
-                reply = sock.recv(4096)
-                if len(reply) >= 12:
-                    reply_id, flags = struct.unpack("!HH", reply[:4])
-                    if reply_id == qid and flags & FLAG_QR:
-                        return True
+                if wire.is_reply_to(sock.recv(4096), qid):
+                    return True
     except OSError:  # timeout, refused, unreachable: all mean "not answering"
         return False
     return False
@@ -210,27 +192,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def configure_logging(level: str) -> Any:
-    """Return a logger writing one JSON object per line to stdout."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-    )
-    return structlog.get_logger().bind(component="watchdog")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the watchdog until SIGTERM or SIGINT."""
     args = parse_args(argv)
-    log = configure_logging(args.log_level)
+    log = configure_logging(args.log_level).bind(component="watchdog")
     try:
         spec = netsetup.InterceptSpec(mode="none", local_ips=(), tag=args.tag)
-        build_query(args.qname, 0)
+        wire.name_to_wire(args.qname)
     except (netsetup.InterceptError, ValueError) as exc:
         log.error("invalid_configuration", error=str(exc))
         return 2

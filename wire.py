@@ -1,7 +1,7 @@
 """DNS wire format at the byte level: the query walk of the hot path, the reply scan, and small built answers.
 
 dnslib is the project's general wire-format library (tests, odd records); the functions here exist
-because a cache hit must not pay for a full parse and pack (see STYLE.md, habit 5).
+because a cache hit must not pay for a full parse and pack.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def parse_query(wire: bytes) -> Query:
             max_udp = max(MAX_UDP_NO_EDNS, rclass)  # below 512 is treated as 512 (RFC 6891 §6.2.5)
         pos = end
     cd = bool(flags & FLAG_CD)
-    key = wire[12 : qend - 4].lower() + wire[qend - 4 : qend] + bytes(((KEY_DO if do else 0) | (KEY_CD if cd else 0),))
+    key = cache_key(question, do, cd)
     query = Query(wire, flags, question, qtype, qclass, key, edns, do, cd, max_udp)
     if edns_version:
         raise BadQuery(BADVERS, "EDNS version not 0", query)  # RFC 6891 §6.1.3
@@ -242,6 +242,67 @@ def error_response(query_wire: bytes, rcode: int, query: Query | None = None, ed
     if query.edns:
         tail = opt_record(query.do, ede_code, rcode >> 4)
     return _HEADER.pack(qid, out_flags, 1, 0, 0, 1 if tail else 0) + query.question + tail
+
+
+# A cache key is the question as the client sent it, with the qname lower-cased, then one byte of
+# flags that change the answer: DO and CD. Only this module knows the layout.
+KEY_TAIL = 5  # qtype, qclass and the flags byte after the qname
+
+
+def cache_key(question: bytes, do: bool, cd: bool) -> bytes:
+    """The cache key of a question (qname in wire form, qtype, qclass): case-folded qname, DO and CD."""
+    return question[:-4].lower() + question[-4:] + bytes(((KEY_DO if do else 0) | (KEY_CD if cd else 0),))
+
+
+def key_qname(key: bytes) -> bytes:
+    """The lower-cased qname of a cache key, in wire form."""
+    return key[:-KEY_TAIL]
+
+
+def key_question(key: bytes) -> tuple[int, int]:
+    """(qtype, qclass) of a cache key."""
+    return _U16X2.unpack_from(key, len(key) - KEY_TAIL)  # type: ignore[return-value]
+
+
+def key_flags(key: bytes) -> tuple[bool, bool]:
+    """(DO, CD) of a cache key."""
+    return bool(key[-1] & KEY_DO), bool(key[-1] & KEY_CD)
+
+
+def name_to_wire(name: str) -> bytes:
+    """The lower-cased wire form of a dotted name ("" and "." are the root); ValueError for a bad name.
+
+    RFC 1035 §2.3.4: labels of 1 to 63 octets, 255 octets in all; ASCII only (IDNs in punycode).
+    """
+    text = name.strip()
+    labels = [label for label in text.rstrip(".").lower().split(".") if label] if text.strip(".") else []
+    out = bytearray()
+    for label in labels:
+        try:
+            raw = label.encode("ascii")
+        except UnicodeEncodeError:
+            raise ValueError(f"not an ASCII name: {name!r}") from None
+        if len(raw) > 63:
+            raise ValueError(f"label too long in {name!r}")
+        out += bytes((len(raw),)) + raw
+    if len(out) + 1 > 255:
+        raise ValueError(f"name too long: {name!r}")
+    return bytes(out) + b"\x00"
+
+
+# The question of the proxy's own liveness checks (/health, the watchdog): under invalid., which
+# RFC 6761 §6.4 lets a resolver answer with NXDOMAIN itself, so the check never needs kube-dns.
+SELF_CHECK_QNAME = "health.kube-dns-proxy.invalid."
+
+
+def self_query(qid: int, qname: str = SELF_CHECK_QNAME) -> bytes:
+    """A plain stub query (RD=1, no EDNS) for an A record of qname, as the liveness checks send it."""
+    return _HEADER.pack(qid, FLAG_RD, 1, 0, 0, 0) + name_to_wire(qname) + _U16X2.pack(1, 1)
+
+
+def is_reply_to(reply: bytes, qid: int) -> bool:
+    """Whether a datagram is a reply (QR=1) with our ID: enough for a liveness check, any rcode."""
+    return len(reply) >= 12 and _U16.unpack_from(reply, 0)[0] == qid and bool(reply[2] & 0x80)
 
 
 def build_upstream_query(qid: int, question: bytes, do: bool, cd: bool) -> bytes:

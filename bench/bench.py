@@ -537,7 +537,7 @@ policy.add(policy.all(policy.FORWARD('{LOOPBACK}@{upstream_port}')))
 
 
 def proxy_nometrics_command(rundir: Path, port: int, upstream_port: int) -> list[str]:
-    """The proxy without per-hit metric counts: the difference to "proxy" is what metrics cost (issue 5)."""
+    """The proxy without per-hit metric counts: the difference to "proxy" is what metrics cost."""
     return [*proxy_command(rundir, port, upstream_port), "--no-metrics"]
 
 
@@ -1304,7 +1304,7 @@ def workload_rows(results: dict[str, RunResult]) -> list[list[str]]:
     if "proxy" in results:
         rows += [ratio_row(a, results["proxy"], results[a]) for a in ANCHORS if a in results]
         if "proxy-nometrics" in results:
-            # The cost of metrics (issue 5): proxy with them over proxy without.
+            # The cost of metrics: proxy with them over proxy without.
             rows.append(ratio_row("proxy-nometrics", results["proxy"], results["proxy-nometrics"]))
     return rows
 

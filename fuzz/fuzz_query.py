@@ -44,20 +44,22 @@ MAX_SIZES = (512, 1232, 4096, 65535)
 def _import_targets():
     """Import the proxy modules, instrumented for coverage when atheris is present."""
     if atheris is not None and "--no-atheris" not in sys.argv:
-        with atheris.instrument_imports(include=["wire", "cache", "proxy", "config"]):
+        with atheris.instrument_imports(include=["wire", "cache", "proxy", "config", "resolver", "server"]):
             import cache
             import config
+            import logs
             import proxy
             import wire
     else:
         import cache
         import config
+        import logs
         import proxy
         import wire
-    return cache, config, proxy, wire
+    return cache, config, logs, proxy, wire
 
 
-cache, config, proxy, wire = _import_targets()
+cache, config, logs, proxy, wire = _import_targets()
 
 # One proxy for the whole run, wired as main() wires it but never started: no socket is opened.
 # Debug level with --log-queries runs the logging calls of the query path; the lines are discarded.
@@ -65,7 +67,7 @@ _CONFIG = config.build_config(
     ["--listen", "127.0.0.1:5300", "--upstream", "127.0.0.1:5301", "--log-queries", "--log-level", "debug"],
     environ={},
 )
-_LOG = proxy.configure_logging("debug", stream=open(os.devnull, "w"), cache_logger=False)  # noqa: SIM115
+_LOG = logs.configure_logging("debug", stream=open(os.devnull, "w"))  # noqa: SIM115
 _PROXY = proxy.Proxy(_CONFIG, _LOG)
 _CACHE = _PROXY.cache
 _RESOLVER = _PROXY.resolver
@@ -127,7 +129,7 @@ def check_query_side(data: bytes) -> None:
     assert cacheable, "a plain NOERROR answer with two A records was not cacheable"
     _CACHE.store(query.key, entry)
     max_size = MAX_SIZES[data[-1] % len(MAX_SIZES)]
-    fresh = _RESOLVER.answer_fresh(query, max_size)
+    fresh = _RESOLVER.answer_fresh(query, max_size, "udp")
     assert fresh is not None, "a fresh entry just stored was not answered"
     check_rendered(fresh, query, max_size, ttl=FRESH_TTL)
     stale = entry.render(query, _CONFIG.stale_ttl, max_size, stale=True)

@@ -598,7 +598,7 @@ class FakeUpstream:
         """Remember a received query; return it parsed, or None if it does not parse."""
         try:
             query = dnslib.DNSRecord.parse(raw)
-        except Exception:  # dnslib raises several types on bad input (see STYLE.md)
+        except Exception:  # dnslib raises several types on bad input
             query = None
         if query is None or not query.questions:
             qid = struct.unpack("!H", raw[:2])[0] if len(raw) >= 2 else 0

@@ -1,6 +1,5 @@
 """Not an open resolver: --allow (repeatable, KUBE_DNS_PROXY_ALLOW) decides who may query; others get REFUSED."""
 
-# These tests go green when the lead lands --allow (issue 8); until then they fail, as expected.
 # "Others" are tested from this machine by allowing only 127.0.0.2/32 and querying from a client
 # socket bound to 127.0.0.1 (refused) or 127.0.0.2 (answered): both are loopback addresses.
 

@@ -77,7 +77,7 @@ class TestSchemas:
 
 
 class TestManifestContent:
-    """What the issue and NodeLocal DNSCache's practice ask of the objects."""
+    """What NodeLocal DNSCache's practice and a takeover without a lost query ask of the objects."""
 
     def test_objects_in_install_order(self) -> None:
         """The upstream Service comes before the DaemonSet (its env var reaches the pods)."""
@@ -113,7 +113,7 @@ class TestManifestContent:
         assert {"operator": "Exists"} in pod["tolerations"]
 
     def test_rolling_update_surges(self) -> None:
-        """Rolling updates start the new pod next to the old one and never take a node's pod away first (issue 9)."""
+        """Rolling updates start the new pod next to the old one and never take a node's pod away first."""
         strategy = find("DaemonSet")["spec"]["updateStrategy"]
         assert (strategy["type"], strategy["rollingUpdate"]) == (
             "RollingUpdate",

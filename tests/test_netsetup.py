@@ -1,6 +1,6 @@
 """Interception end to end in network namespaces: netsetup.Interceptor, watchdog.py, proxy.py.
 
-Topology (k8s.md §5), only 169.254.0.0/16 addresses, in namespaces each test creates and deletes:
+Topology (a node as Kubernetes builds it), only 169.254.0.0/16 addresses, in namespaces each test creates and deletes:
 
   [pod] p0 169.254.100.2 --veth-- n0 169.254.100.1 [node] n1 169.254.101.1 --veth-- u0 [up]
   resolv.conf -> 169.254.96.10                     rules, proxy         169.254.101.2 kube-dns pod
@@ -41,6 +41,7 @@ import structlog
 
 import netsetup
 import watchdog
+import wire
 
 ROOT = Path(__file__).resolve().parent.parent
 THIS = Path(__file__).resolve()
@@ -820,8 +821,8 @@ class TestWatchdogProbe:
     """The watchdog's hand-built query and its probe, against real loopback sockets."""
 
     def test_query_is_valid_dns(self) -> None:
-        """build_query() makes a query dnslib parses back with qname, type A and RD."""
-        parsed = dnslib.DNSRecord.parse(watchdog.build_query("probe.invalid.", 4242))
+        """The self-check query parses back (dnslib) with the qname, type A and RD."""
+        parsed = dnslib.DNSRecord.parse(wire.self_query(4242, "probe.invalid."))
         assert (str(parsed.q.qname), parsed.q.qtype, parsed.header.rd, parsed.header.id) == (
             "probe.invalid.",
             dnslib.QTYPE.A,
@@ -832,7 +833,7 @@ class TestWatchdogProbe:
     def test_too_long_label_rejected(self) -> None:
         """A label over 63 octets raises ValueError (RFC 1035 §2.3.4)."""
         with pytest.raises(ValueError, match="too long"):
-            watchdog.build_query("a" * 64 + ".invalid.", 1)
+            wire.self_query(1, "a" * 64 + ".invalid.")
 
     def test_answering_server_is_alive(self, answering: _UdpServer) -> None:
         """Any reply with our ID counts as alive, NXDOMAIN included."""

@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 import config
-import policy
+import routing
 import wire
 from conftest import REPO_ROOT, query
 from servers import FakeUpstream, KnotServer
@@ -138,7 +138,7 @@ class TestRouter:
     """The route of a name is the longest zone it is in, matched on label boundaries."""
 
     @pytest.fixture
-    def router(self) -> policy.Router:
+    def router(self) -> routing.Router:
         built = config.build_config(
             [
                 "--upstream",
@@ -152,7 +152,7 @@ class TestRouter:
             ],
             environ={},
         )
-        return policy.build_router(built, structlog.get_logger())
+        return routing.build_router(built, structlog.get_logger())
 
     @pytest.mark.parametrize(
         ("qname", "zone"),
@@ -196,7 +196,7 @@ class TestRouter:
             ],
             environ={},
         )
-        rebuilt = policy.build_router(changed, structlog.get_logger(), previous=router)
+        rebuilt = routing.build_router(changed, structlog.get_logger(), previous=router)
         kept = rebuilt.route_for(key_of("a.cluster.local")).upstreams
         assert kept is cluster and kept.servers[0].down and kept.try_timeout == 0.5
         assert (

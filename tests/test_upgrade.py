@@ -1,4 +1,4 @@
-"""Takeover without a lost query (issue 9): the instance registry, socket detach, and real takeovers under load.
+"""Takeover without a lost query: the instance registry, socket detach, and real takeovers under load.
 
 Two scenarios run once each (module fixtures) and are then checked by several tests:
 
@@ -291,9 +291,11 @@ def intercepting_proxy(state_dir: Path):
         environ={},
     )
     the_proxy = proxy.Proxy(cfg, _Log())
-    with the_proxy.registry.locked():
-        the_proxy.registry.register()
-    the_proxy.registry.set_state(handover.SERVING)
+    assert the_proxy.node is not None
+    registry = the_proxy.node.registry
+    with registry.locked():
+        registry.register()
+    registry.set_state(handover.SERVING)
     the_proxy.serving = True
     return the_proxy
 

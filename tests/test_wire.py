@@ -131,7 +131,7 @@ class TestScanReply:
     @pytest.mark.parametrize(
         "payload",
         [
-            # dnslib 0.9.26 raises UnicodeDecodeError parsing a CAA value with non-UTF-8 bytes (STYLE.md).
+            # dnslib 0.9.26 raises UnicodeDecodeError parsing a CAA value with non-UTF-8 bytes.
             bytes.fromhex("abcd81800001000100000000016103636f6d0001010001c00c01010001000000100007000574616761ff"),
             b"\xab\xcd\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\x00\x00\x01\x00\x01",
             b"\x00" * 12,

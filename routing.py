@@ -1,19 +1,15 @@
-"""Cache policy beyond the core: per-zone forwarding routes, prefetch, and preferring positive answers."""
+"""Routing: which upstream servers a qname is forwarded to (--forward zones), and their TTL bounds."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import gevent
+from typing import Any
 
 import wire
-from cache import Entry, TtlPolicy
+from cache import TtlPolicy
 from config import Config, Endpoint, ForwardZone
 from upstream import Upstreams
-
-KEY_TAIL = 5  # a cache key is the lower-cased qname, then qtype, qclass and one flags byte (wire.py)
 
 
 @dataclass(frozen=True)
@@ -33,11 +29,11 @@ class Router:
         self.zones: dict[bytes, Route] = dict(zones)
 
     def route_for(self, key: bytes) -> Route:
-        """The route of a cache key (lower-cased qname in wire form + KEY_TAIL bytes); miss path only."""
+        """The route of a cache key; miss path only."""
         zones = self.zones
         if not zones:
             return self.default
-        name = key[:-KEY_TAIL]
+        name = wire.key_qname(key)
         # Suffixes are tried at label boundaries only, from the longest: "xcluster.local" is not
         # in "cluster.local", and a label holding the bytes of another cannot fool the match.
         offset = 0
@@ -66,14 +62,14 @@ def ttl_policy(config: Config, zone: ForwardZone | None = None) -> TtlPolicy:
 
     def pick(name: str) -> int:
         value = getattr(zone, name) if zone is not None else None
-        return getattr(config, name) if value is None else value
+        return int(getattr(config, name) if value is None else value)
 
     return TtlPolicy(pick("min_ttl"), pick("max_ttl"), pick("max_negative_ttl"))
 
 
 def build_router(
     config: Config,
-    log,
+    log: Any,
     default: Upstreams | None = None,
     previous: Router | None = None,
 ) -> Router:
@@ -104,7 +100,7 @@ def build_router(
     default_route = Route(".", upstreams_for(config.upstreams, config.force_tcp), ttl_policy(config))
     zones = [
         (
-            zone.zone_wire,
+            wire.name_to_wire(zone.zone),
             Route(
                 zone.zone,
                 upstreams_for(zone.upstreams, config.force_tcp or zone.force_tcp),
@@ -114,59 +110,3 @@ def build_router(
         for zone in config.forward
     ]
     return Router(default_route, zones)
-
-
-def prefetch_window(config: Config) -> float:
-    """The share of an entry's TTL, at its end, in which a hit starts a prefetch; 0.0 when off."""
-    return config.prefetch_percent / 100 if config.prefetch else 0.0
-
-
-def is_positive(entry: Entry) -> bool:
-    """NOERROR with at least one answer record."""
-    return entry.rcode == wire.NOERROR and entry.wire[6:8] != b"\x00\x00"
-
-
-def is_negative(entry: Entry) -> bool:
-    """NXDOMAIN, or NODATA: NOERROR with no answer record (RFC 2308 §2.2)."""
-    return entry.rcode == wire.NXDOMAIN or (entry.rcode == wire.NOERROR and entry.wire[6:8] == b"\x00\x00")
-
-
-def in_trouble(upstreams: Upstreams, grace: float, now: float | None = None) -> bool:
-    """True while every server of a route is down, or for `grace` seconds after one came back up."""
-    if upstreams.all_down():
-        return True
-    now = time.monotonic() if now is None else now
-    return any(now - server.up_since < grace for server in upstreams.servers)
-
-
-def keeps_positive(config: Config, route: Route, held: Entry | None, reply: Entry, now: float) -> bool:
-    """--prefer-positive: True when a negative reply must not replace the positive entry we hold.
-
-    Only an entry we may still serve counts (fresh, or stale within --max-stale): the held
-    positive answer is then served instead, stale if expired. Trade-off: a name really deleted
-    while kube-dns is in trouble keeps resolving until the grace has passed.
-    """
-    if held is None or not is_negative(reply) or not is_positive(held):
-        return False
-    if held.expires_at <= now and not (config.serve_stale and held.stale_for(now) <= config.max_stale):
-        return False
-    return in_trouble(route.upstreams, config.prefer_positive_grace)
-
-
-def run_prober(resolver) -> None:
-    """Forever: every --failure-recheck seconds, probe the down servers of every route at once (RFC 8767 §5)."""
-    while True:
-        interval = resolver.config.failure_recheck
-        gevent.sleep(interval)
-        probes = [
-            gevent.spawn(_probe_down, upstreams, min(upstreams.try_timeout, interval))
-            for upstreams in resolver.router.all_upstreams()
-            if any(server.down for server in upstreams.servers)
-        ]
-        gevent.joinall(probes)
-
-
-def _probe_down(upstreams: Upstreams, timeout: float) -> None:
-    for server in upstreams.servers:
-        if server.down:
-            upstreams.probe(server, timeout)
