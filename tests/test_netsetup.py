@@ -844,6 +844,7 @@ class TestWatchdogProbe:
         alive = watchdog.probe(closed_port, "x.invalid.", 2.0)
         assert (alive, time.monotonic() - started < 1.0) == (False, True)
 
+    @pytest.mark.e2e  # a loopback UDP server
     def test_silent_server_is_dead_after_timeout(self) -> None:
         """A server that never answers fails after the timeout."""
         server = _UdpServer(lambda data: None)
@@ -852,6 +853,7 @@ class TestWatchdogProbe:
         finally:
             server.close()
 
+    @pytest.mark.e2e  # a loopback UDP server
     def test_reply_with_other_id_ignored(self) -> None:
         """A reply whose ID is not ours does not count as alive."""
 
