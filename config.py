@@ -381,10 +381,15 @@ FLAGS: tuple[_Flag, ...] = (
         True,
         "IP",
     ),
-    _Flag("dnat_target", "dnat mode: where queries are redirected (default: first --local-ip)", parse_endpoint,
-          metavar="HOST:PORT"),
-    _Flag("sync_interval", "re-check interception rules and addresses this often", _positive_seconds,
-          metavar="SECONDS"),
+    _Flag(
+        "dnat_target",
+        "dnat mode: where queries are redirected (default: first --local-ip)",
+        parse_endpoint,
+        metavar="HOST:PORT",
+    ),
+    _Flag(
+        "sync_interval", "re-check interception rules and addresses this often", _positive_seconds, metavar="SECONDS"
+    ),
     _Flag(
         "state_dir",
         "directory where instances on one node register, to share the interception during a takeover",
