@@ -197,9 +197,17 @@ class Lab:
         return run
 
     def start(self, ns: str, name: str, argv: list[str], ready: str | None = None) -> Any:
-        """Start argv in ``ns`` with output to a log file; wait for ``ready`` in it."""
+        """Start argv in ``ns`` with output to a new log file (``proc.log_path``); wait for ``ready`` in it.
+
+        Each start gets a file of its own: NAME.log, then NAME.2.log, ... for a name started again,
+        so that a restarted process's readiness is never read from its predecessor's output.
+        """
         log_path = self.workdir / f"{name}.log"
-        with open(log_path, "ab") as log_file:
+        number = 1
+        while log_path.exists():
+            number += 1
+            log_path = self.workdir / f"{name}.{number}.log"
+        with open(log_path, "xb") as log_file:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, *argv],
                 stdout=log_file,
