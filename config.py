@@ -114,6 +114,7 @@ class _Flag:
     repeatable: bool = False
     metavar: str | None = None
     env_separator: str | None = None  # between items of a repeatable flag's variable; None: commas or spaces
+    doc_default: str | None = None  # the README's default column, when words say it better than the value
 
     @property
     def option(self) -> str:
@@ -306,6 +307,7 @@ FLAGS: tuple[_Flag, ...] = (
         parse_endpoint,
         True,
         "HOST:PORT",
+        doc_default="nameservers of `--resolv-conf`",
     ),
     _Flag("resolv_conf", "resolv.conf read when no --upstream is given", str, metavar="PATH"),
     _Flag("cache_size", "cache capacity in entries; only capacity evicts (LRU)", _count, metavar="N"),
@@ -368,6 +370,7 @@ FLAGS: tuple[_Flag, ...] = (
         "node DNS interception the proxy sets up and removes: nodelocal, dnat or none",
         _intercept_mode,
         metavar="MODE",
+        doc_default="none",
     ),
     _Flag(
         "local_ips",
@@ -406,6 +409,7 @@ FLAGS: tuple[_Flag, ...] = (
         _network,
         True,
         "CIDR",
+        doc_default="loopback, link-local, RFC 1918, RFC 6598, RFC 4193",
     ),
     _Flag(
         "forward",
@@ -442,6 +446,32 @@ FLAGS: tuple[_Flag, ...] = (
         metavar="PATH",
     ),
 )
+
+
+def flag_table() -> str:
+    """The README's Markdown table of FLAGS: flag, environment variable, default, meaning (./dev.sh docs)."""
+    defaults = Config()
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for flag in FLAGS:
+        name = f"`{flag.option} {flag.metavar}`" if flag.metavar else f"`{flag.option}`"
+        if flag.repeatable:
+            name += " (repeatable)"
+        default = getattr(defaults, flag.field)
+        if flag.doc_default is not None:
+            default_text = flag.doc_default
+        elif flag.parse is None:
+            default_text = "on" if default else "off"
+        elif default is None or default == ():
+            default_text = "none"
+        elif default == math.inf:
+            default_text = "`unlimited`"
+        elif isinstance(default, tuple):
+            default_text = f"`{','.join(str(item) for item in default)}`"
+        else:
+            default_text = f"`{default}`"
+        cells = [name, f"`{flag.env}`", default_text, flag.help]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows) + "\n"
 
 
 class _ArgumentParser(argparse.ArgumentParser):

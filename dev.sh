@@ -3,6 +3,7 @@
 #   ./dev.sh setup            install the Debian tools the tests use and the .venv (idempotent)
 #   ./dev.sh run [ARGS...]    setup, then run proxy.py ARGS in the .venv
 #   ./dev.sh test [ARGS...]   setup, then pytest ARGS and ruff check
+#   ./dev.sh docs             rewrite README.md's flag table from config.FLAGS
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -110,8 +111,31 @@ run_tests() {
   return "$status"
 }
 
+# README.md's flag table, between its two marker comments, becomes config.flag_table()
+# (tests/test_docs.py fails while they differ).
+write_docs() {
+  "$VENV/bin/python" - <<'EOF'
+import sys
+from pathlib import Path
+
+import config
+
+START, END = "<!-- flag-table:start -->\n", "<!-- flag-table:end -->"
+readme = Path("README.md")
+text = readme.read_text()
+if text.count(START) != 1 or text.count(END) != 1:
+    sys.exit("dev.sh: README.md needs one <!-- flag-table:start --> line and one <!-- flag-table:end --> line")
+head, rest = text.split(START)
+_, tail = rest.split(END)
+new = head + START + config.flag_table() + END + tail
+if new != text:
+    readme.write_text(new)
+    print("dev.sh: rewrote the flag table in README.md", file=sys.stderr)
+EOF
+}
+
 usage() {
-  sed -n '2,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+  sed -n '2,6s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 }
 
 command=${1:-}
@@ -125,6 +149,10 @@ case "$command" in
   test)
     setup
     run_tests "$@"
+    ;;
+  docs)
+    setup_venv
+    write_docs
     ;;
   *)
     usage

@@ -1,4 +1,8 @@
-"""Shared fixtures: Knot, the fake upstream, proxy processes, and dig/dnspython query helpers."""
+"""Shared fixtures: Knot, the fake upstream, proxy processes, and dig/dnspython query helpers.
+
+It also gives every test exactly one of the markers unit, e2e or netns (see pyproject.toml and
+pytest_collection_modifyitems below).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,26 @@ from servers import FakeUpstream, KnotServer, free_port
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROXY_START_TIMEOUT = 10.0
 PROXY_STOP_TIMEOUT = 10.0
+
+# The three kinds of test, from quickest to heaviest; each test carries exactly one of them.
+TEST_KINDS = ("unit", "e2e", "netns")
+# Fixtures that start a server or process (fixture names are unique across tests/). A test using
+# one of them, directly or through another fixture, is at least that kind.
+KIND_OF_FIXTURE = {
+    # conftest.py
+    "knot": "e2e",
+    "fake_upstream": "e2e",
+    "proxy_factory": "e2e",
+    # test_fuzz.py
+    "scripted_proxy": "e2e",
+    # test_netsetup.py
+    "answering": "e2e",
+    "closed_port": "e2e",
+    "lab": "netns",
+    # test_upgrade.py
+    "loopback": "e2e",
+    "intercepted": "netns",
+}
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -222,3 +246,28 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give each test exactly one of unit, e2e, netns, before ``-m`` selects among them.
+
+    An explicit mark on the test, its class or its module wins: tests that start a process or a
+    socket without a fixture above carry ``@pytest.mark.e2e`` (or netns). Otherwise the heaviest
+    kind of the fixtures it uses decides, and a test using none of them is unit. Contradictions (two
+    kinds marked, or a mark lighter than a fixture's kind) stop the run with a usage error.
+    """
+    problems = []
+    for item in items:
+        marked = {mark.name for mark in item.iter_markers() if mark.name in TEST_KINDS}
+        implied = [KIND_OF_FIXTURE[name] for name in getattr(item, "fixturenames", ()) if name in KIND_OF_FIXTURE]
+        needed = max(implied, key=TEST_KINDS.index, default="unit")
+        if not marked:
+            item.add_marker(needed)
+        elif any(TEST_KINDS.index(kind) < TEST_KINDS.index(needed) for kind in marked):
+            problems.append(f"{item.nodeid}: marked {'+'.join(sorted(marked))}, uses a fixture that makes it {needed}")
+        kinds = {mark.name for mark in item.iter_markers() if mark.name in TEST_KINDS}
+        if len(kinds) != 1:
+            problems.append(f"{item.nodeid}: marked {', '.join(sorted(kinds))}; it needs exactly one of {TEST_KINDS}")
+    if problems:
+        raise pytest.UsageError("unit/e2e/netns markers:\n  " + "\n  ".join(problems))

@@ -79,6 +79,7 @@ class TestConfig:
         assert [str(e) for e in cfg.upstreams] == ["127.0.0.2:53", "127.0.0.3:53"]
         assert cfg.cache_size == 42 and cfg.force_tcp and cfg.stale_ttl == 11
 
+    @pytest.mark.e2e  # runs proxy.py
     def test_every_flag_has_an_environment_variable_in_help(self):
         """--help names an environment variable for every flag."""
         result = run_proxy("--help")
@@ -86,6 +87,7 @@ class TestConfig:
         for flag in config.FLAGS:
             assert flag.option in result.stdout and flag.env in result.stdout
 
+    @pytest.mark.e2e  # runs proxy.py
     @pytest.mark.parametrize(
         "args",
         [
@@ -108,11 +110,13 @@ class TestConfig:
         assert len(lines) == 1 and lines[0].startswith("proxy.py: error:")
         assert "Traceback" not in result.stderr
 
+    @pytest.mark.e2e  # runs proxy.py
     def test_bad_environment_variable_exit_2(self):
         """A bad value in an environment variable names the variable and exits with code 2."""
         result = run_proxy("--upstream", "127.0.0.9:53", env={"KUBE_DNS_PROXY_DEADLINE": "soon"})
         assert result.returncode == 2 and "KUBE_DNS_PROXY_DEADLINE" in result.stderr
 
+    @pytest.mark.e2e  # runs proxy.py
     def test_no_nameserver_anywhere_exit_2(self, tmp_path):
         """No --upstream and no nameserver in resolv.conf is a configuration error."""
         empty = tmp_path / "resolv.conf"

@@ -100,6 +100,7 @@ class TestReading:
             config.build_config(["--config", str(path)], environ={})
         assert "\n" not in str(caught.value)
 
+    @pytest.mark.e2e  # runs proxy.py
     def test_bad_file_at_start_exits_2(self, tmp_path):
         """A broken --config file at start is exit code 2 with one line on stderr, like a bad flag."""
         path = tmp_path / "proxy.yaml"

@@ -258,6 +258,7 @@ class TestDockerfile:
         copies = [rest for ins, rest in dockerfile_instructions() if ins == "COPY"]
         assert copies == ["requirements.txt ./", "*.py ./"]
 
+    @pytest.mark.e2e  # pip installs into a fresh venv, then runs proxy.py
     @pytest.mark.timeout(900)
     def test_pip_step_installs_and_proxy_help_runs(self, tmp_path: Path) -> None:
         """The image's pip step in a fresh virtualenv, then `python proxy.py --help` exits 0."""

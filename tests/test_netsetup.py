@@ -198,9 +198,17 @@ class Lab:
         return run
 
     def start(self, ns: str, name: str, argv: list[str], ready: str | None = None) -> Any:
-        """Start argv in ``ns`` with output to a log file; wait for ``ready`` in it."""
+        """Start argv in ``ns`` with output to a new log file (``proc.log_path``); wait for ``ready`` in it.
+
+        Each start gets a file of its own: NAME.log, then NAME.2.log, ... for a name started again,
+        so that a restarted process's readiness is never read from its predecessor's output.
+        """
         log_path = self.workdir / f"{name}.log"
-        with open(log_path, "ab") as log_file:
+        number = 1
+        while log_path.exists():
+            number += 1
+            log_path = self.workdir / f"{name}.{number}.log"
+        with open(log_path, "xb") as log_file:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, *argv],
                 stdout=log_file,
@@ -845,6 +853,7 @@ class TestWatchdogProbe:
         alive = watchdog.probe(closed_port, "x.invalid.", 2.0)
         assert (alive, time.monotonic() - started < 1.0) == (False, True)
 
+    @pytest.mark.e2e  # a loopback UDP server
     def test_silent_server_is_dead_after_timeout(self) -> None:
         """A server that never answers fails after the timeout."""
         server = _UdpServer(lambda data: None)
@@ -853,6 +862,7 @@ class TestWatchdogProbe:
         finally:
             server.close()
 
+    @pytest.mark.e2e  # a loopback UDP server
     def test_reply_with_other_id_ignored(self) -> None:
         """A reply whose ID is not ours does not count as alive."""
 

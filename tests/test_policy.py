@@ -101,6 +101,7 @@ class TestForwardSyntax:
             ("ip6.arpa.", False, 2),
         ]
 
+    @pytest.mark.e2e  # runs proxy.py
     @pytest.mark.parametrize("server", ["127.0.0.1:5399", "169.254.20.10"])
     def test_zone_forwarding_to_ourselves_is_refused(self, server):
         """A zone whose server is one of our listen or local addresses is a forwarding loop: exit 2, one line."""

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e  # bench/soak.py runs proxy.py and an upstream
 
 
 def test_short_soak_cached_names_never_fail():

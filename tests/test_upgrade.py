@@ -210,6 +210,7 @@ class TestInstanceRegistry:
             second.unregister()
         assert first.peers() == []
 
+    @pytest.mark.e2e  # a registered instance in a child process, killed with -9
     def test_killed_instance_not_a_peer_and_swept(self, tmp_path: Path) -> None:
         """An instance killed with -9 is not a peer, and its files go at the next look under the lock."""
         code = (
@@ -318,6 +319,7 @@ class TestReadiness:
         assert the_proxy.readiness() == (True, "ready")
 
 
+@pytest.mark.e2e  # real UDP sockets on loopback
 class TestSockets:
     """A detached UDP socket keeps what it holds and gets nothing new; shared ports are counted."""
 
@@ -677,6 +679,7 @@ class TestInterceptedTakeover:
         assert intercepted.exit_codes == [0] * (TAKEOVERS + 1)
 
 
+@pytest.mark.netns  # uses the Lab directly, without the lab fixture
 @pytest.mark.timeout(120)
 def test_last_one_out_restores_route_localnet(tmp_path: Path) -> None:
     """dnat to 127.0.0.1: the first instance sets route_localnet, its successor (the last one out) restores it."""
