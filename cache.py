@@ -103,7 +103,7 @@ class Entry:
                 out += _OPT_DO if query.do else _OPT_PLAIN
             out[10:12] = _U16.pack(_U16.unpack_from(out, 10)[0] + 1)
         if len(out) > max_size:
-            return self.truncated(query, stale, out[0:2])
+            return self.truncated(query, stale, bytes(out[0:2]))
         return bytes(out)
 
     def truncated(self, query: wire.Query, stale: bool, qid: bytes) -> bytes:
@@ -153,9 +153,9 @@ def entry_from_reply(reply: bytes, policy: TtlPolicy, now: float) -> tuple[Entry
             # The OPT held the upper rcode bits (RFC 6891 §6.1.3): never pass the low bits alone
             # as NOERROR; callers answer anything but NOERROR/NXDOMAIN with SERVFAIL.
             entry.rcode = (scan.ext_rcode << 4) | scan.rcode
-            stored = bytearray(stored)
-            stored[3] = (stored[3] & 0xF0) | wire.SERVFAIL
-            entry.wire = bytes(stored)
+            servfail = bytearray(stored)
+            servfail[3] = (servfail[3] & 0xF0) | wire.SERVFAIL
+            entry.wire = bytes(servfail)
         return entry, False
     offsets = tuple(o for o in scan.ttl_offsets if o < len(stored))
     return Entry(stored, offsets, ttl, now), True
@@ -199,7 +199,7 @@ class AnswerCache(Cache):
         Finding the first live key skips the deleted slots at the front of the dict, which pile up
         between resizes; evicting a batch per scan keeps that cost per entry small.
         """
-        batch = max(1, self.maxsize // 256)
+        batch = max(1, int(self.maxsize) // 256)
         data = self._data
         keys = list(itertools.islice(iter(data), batch))
         if not keys:

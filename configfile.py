@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import gevent
 import gevent.event
@@ -48,6 +49,14 @@ LIVE_FIELDS = frozenset(
 )
 
 
+class Reconfigurable(Protocol):
+    """What the reloader needs of the running proxy."""
+
+    config: Config
+
+    def reconfigure(self, config: Config) -> None: ...
+
+
 class ConfigReloader:
     """Rebuilds the Config from the same flags, file and environment, and hands the live part to the proxy.
 
@@ -58,8 +67,8 @@ class ConfigReloader:
     def __init__(
         self,
         argv: Sequence[str],
-        proxy,
-        log,
+        proxy: Reconfigurable,
+        log: Any,
         environ: Mapping[str, str] | None = None,
         interval: float = POLL_INTERVAL,
     ) -> None:

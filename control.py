@@ -14,7 +14,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import wire
@@ -109,7 +109,7 @@ def _json(status: str, payload: dict) -> tuple[str, str, bytes]:
     return status, "application/json", (json.dumps(payload, indent=1) + "\n").encode()
 
 
-def cli(argv: list[str], environ=os.environ) -> int:
+def cli(argv: list[str], environ: Mapping[str, str] = os.environ) -> int:
     """`proxy.py cache …`: talk to the running proxy's HTTP address on loopback."""
     parser = argparse.ArgumentParser(prog="proxy.py cache", description="Look into or purge a running proxy's cache.")
     parser.add_argument(

@@ -2,7 +2,7 @@
 # Developer entry point for kube-dns-proxy:
 #   ./dev.sh setup            install the Debian tools the tests use and the .venv (idempotent)
 #   ./dev.sh run [ARGS...]    setup, then run proxy.py ARGS in the .venv
-#   ./dev.sh test [ARGS...]   setup, then pytest ARGS and ruff check
+#   ./dev.sh test [ARGS...]   setup, then pytest ARGS, ruff check, ruff format --check and mypy
 #   ./dev.sh docs             rewrite README.md's flag table from config.FLAGS
 set -euo pipefail
 
@@ -106,8 +106,10 @@ setup() {
 run_tests() {
   local status=0
   "$VENV/bin/python" -m pytest "$@" || status=$?
-  # Lint even when tests fail, so one run reports both.
+  # Lint, format and type checks run even when tests fail, so one run reports all of them.
   "$VENV/bin/ruff" check . || status=$?
+  "$VENV/bin/ruff" format --check . || status=$?
+  "$VENV/bin/mypy" || status=$?
   return "$status"
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from gevent import socket
 from gevent.pywsgi import WSGIServer
@@ -51,7 +52,9 @@ class _SharedPortWSGIServer(WSGIServer):
 class HttpApi:
     """A small WSGI app on its own address; routes are looked up in one table."""
 
-    def __init__(self, endpoint: Endpoint, dns_endpoint: Endpoint, is_ready: Callable[[], tuple[bool, str]], log):
+    def __init__(
+        self, endpoint: Endpoint, dns_endpoint: Endpoint, is_ready: Callable[[], tuple[bool, str]], log: Any
+    ) -> None:
         self.endpoint = endpoint
         self.dns_endpoint = dns_endpoint
         self.is_ready = is_ready
@@ -75,7 +78,7 @@ class HttpApi:
     def stop(self) -> None:
         self.server.stop(timeout=1)
 
-    def _app(self, environ: dict, start_response) -> Iterable[bytes]:
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         handler = self.routes.get(environ.get("PATH_INFO", ""))
         if handler is None:
             status, content_type, body = "404 Not Found", "text/plain", b"not found\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -17,7 +17,7 @@ def _level_filter(level: str) -> type[Any]:
     return structlog.make_filtering_bound_logger(getattr(logging, level.upper()))
 
 
-def configure_logging(level: str, stream: IO[str] | None = None) -> Any:
+def configure_logging(level: str, stream: TextIO | None = None) -> Any:
     """JSON logs, one object per line (stdout by default), ISO UTC timestamps; the logger to use.
 
     Loggers are not cached on first use, so set_log_level() takes effect on every logger handed

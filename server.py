@@ -205,7 +205,9 @@ class DnsUdpServer(DatagramServer):
 class DnsTcpServer(StreamServer):
     """TCP on one address (RFC 7766): length-framed, pipelined, answered as each completes."""
 
-    def __init__(self, listener: socket.socket, handler: QueryHandler, max_connections: int, idle_timeout: float) -> None:
+    def __init__(
+        self, listener: socket.socket, handler: QueryHandler, max_connections: int, idle_timeout: float
+    ) -> None:
         super().__init__(listener, handle=self.handle_connection, spawn=gevent.pool.Pool(max_connections))
         self.handler = handler
         self.idle_timeout = idle_timeout
@@ -362,5 +364,3 @@ def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.soc
         tcp.close()
         raise
     return udp, tcp
-
-

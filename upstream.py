@@ -11,8 +11,7 @@ import math
 import secrets
 import struct
 import time
-from collections.abc import Callable
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +65,7 @@ class Upstreams:
         force_tcp: bool,
         log: Any,
         on_result: Callable[[Server, str, str, float], None] | None = None,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.servers = [Server(e) for e in endpoints]
         self.try_timeout = try_timeout
@@ -73,6 +73,7 @@ class Upstreams:
         self.force_tcp = force_tcp
         self.log = log
         self.on_result = on_result
+        self.timer = timer  # the clock of the health marks (down_since, up_since); tests inject one
 
     def all_down(self) -> bool:
         """True while every upstream is marked down: callers then answer stale or SERVFAIL at once."""
@@ -180,7 +181,7 @@ class Upstreams:
         server.failures += 1
         if not server.down and server.failures >= FAILURES_BEFORE_DOWN:
             server.down = True
-            server.down_since = time.monotonic()
+            server.down_since = self.timer()
             self.log.warning("upstream_down", upstream=str(server.endpoint), reason=reason)
 
     def _succeeded(self, server: Server, protocol: str, reply: bytes, started: float) -> None:
@@ -194,11 +195,11 @@ class Upstreams:
         server.failures = 0
         if server.down:
             server.down = False
-            server.up_since = time.monotonic()
+            server.up_since = self.timer()
             self.log.info(
                 "upstream_up",
                 upstream=str(server.endpoint),
-                down_seconds=round(time.monotonic() - server.down_since, 3),
+                down_seconds=round(server.up_since - server.down_since, 3),
             )
 
     def probe(self, server: Server, timeout: float) -> bool:

@@ -261,7 +261,8 @@ def key_qname(key: bytes) -> bytes:
 
 def key_question(key: bytes) -> tuple[int, int]:
     """(qtype, qclass) of a cache key."""
-    return _U16X2.unpack_from(key, len(key) - KEY_TAIL)  # type: ignore[return-value]
+    qtype, qclass = _U16X2.unpack_from(key, len(key) - KEY_TAIL)
+    return qtype, qclass
 
 
 def key_flags(key: bytes) -> tuple[bool, bool]:
@@ -354,6 +355,14 @@ class ReplyScan:
         "opt_is_last",
         "ext_rcode",
     )
+
+    # Set by scan_reply, which fills every slot.
+    rcode: int
+    flags: int
+    question_end: int
+    ancount: int
+    nscount: int
+    arcount: int
 
     def __init__(self) -> None:
         self.ttls: list[int] = []

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from servers import KUBERNETES, WEB
+from servers import KUBERNETES, SRV_NAME, WEB, free_port
 
 
 def exchange(port: int, request: dns.message.Message, timeout: float = 3.0) -> dns.message.Message:
@@ -87,3 +91,56 @@ class TestHotPath:
             request.flags &= ~dns.flags.RD
             reply = exchange(proxy.port, request)
             assert not reply.flags & dns.flags.RD and reply.flags & dns.flags.RA
+
+
+def exchange_tcp(port: int, request: dns.message.Message, timeout: float = 3.0) -> dns.message.Message:
+    return dns.query.tcp(request, "127.0.0.1", port=port, timeout=timeout)
+
+
+def hit_queries(http_port: int, proto: str) -> float:
+    """kube_dns_proxy_queries_total of one protocol, all qtypes."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(
+            sample.value
+            for family in families
+            if family.name == "kube_dns_proxy_queries"
+            for sample in family.samples
+            if sample.name == "kube_dns_proxy_queries_total" and sample.labels["proto"] == proto
+        )
+
+
+class TestOneFreshHitPath:
+    """UDP and TCP answer a cache hit through the same rules."""
+
+    @pytest.mark.parametrize("edns", [None, 1232], ids=["plain", "edns"])
+    @pytest.mark.parametrize("qtype", ["A", "AAAA", "SRV"])
+    def test_udp_and_tcp_hits_identical(self, knot, proxy_factory, edns, qtype):
+        """The same cached entry answers UDP and TCP with the same records, TTL, flags and EDNS."""
+        proxy = proxy_factory("--upstream", knot.address)
+        qname = SRV_NAME if qtype == "SRV" else WEB
+        kw = {"use_edns": False} if edns is None else {"use_edns": 0, "payload": edns}
+        exchange(proxy.port, make(qname, 1, qtype=qtype, **kw))  # cached now
+        for _ in range(3):  # a whole-second TTL boundary between the two may fall once
+            udp = exchange(proxy.port, make(qname, 2, qtype=qtype, **kw))
+            tcp = exchange_tcp(proxy.port, make(qname, 2, qtype=qtype, **kw))
+            if [r.ttl for r in udp.answer] == [r.ttl for r in tcp.answer]:
+                break
+        assert udp.to_wire() == tcp.to_wire()
+        assert udp.answer and udp.flags & dns.flags.RA and not udp.flags & dns.flags.AA
+
+    @pytest.mark.parametrize("no_metrics", [False, True], ids=["metrics", "no-metrics"])
+    def test_no_metrics_respected_by_udp_and_tcp_hits(self, knot, proxy_factory, no_metrics):
+        """--no-metrics leaves cache hits out of the per-qtype counts on UDP and TCP alike; without it both count."""
+        http_port = free_port()
+        flags = ["--no-metrics"] if no_metrics else []
+        proxy = proxy_factory("--upstream", knot.address, "--http", f"127.0.0.1:{http_port}", *flags)
+        exchange(proxy.port, make(WEB, 1, use_edns=False))  # the miss, counted either way
+        exchange_tcp(proxy.port, make(KUBERNETES, 1, use_edns=False))
+        before = hit_queries(http_port, "udp"), hit_queries(http_port, "tcp")
+        for qid in range(5):
+            exchange(proxy.port, make(KUBERNETES, qid, use_edns=False))
+            exchange_tcp(proxy.port, make(WEB, qid, use_edns=False))
+        after = hit_queries(http_port, "udp"), hit_queries(http_port, "tcp")
+        expected = (0, 0) if no_metrics else (5, 5)
+        assert (after[0] - before[0], after[1] - before[1]) == expected
