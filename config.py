@@ -1,4 +1,9 @@
-"""Configuration: one frozen, typed Config built from flags and environment, validated in one place."""
+"""Configuration: one frozen, typed Config built from flags and environment, validated in one place.
+
+Longer than the other modules on purpose: the flag table (FLAGS), the parsers of each value, the
+environment and --config file readers and the cross-checks must agree with each other, and one
+file is where a reader checks that they do.
+"""
 
 from __future__ import annotations
 

@@ -43,6 +43,10 @@ Every command is an argv list run by an injectable runner (``subprocess.run`` by
 ``gevent.subprocess.run`` under gevent) with a timeout; iptables calls use ``-w 5`` so they
 serialise on /run/xtables.lock with kube-proxy and the kubelet (legacy backend).
 IPv4 only for now: an IPv6 local IP is rejected rather than half handled.
+
+One module, longer than the others, because both modes, both backends, the sync and the teardown
+share one set of tagged rules: splitting them would spread what must stay symmetrical (every rule
+that is installed is found and removed by the same description).
 """
 
 from __future__ import annotations
