@@ -105,9 +105,14 @@ class Stats:
         self.answer_latency: dict[str, Histogram] = defaultdict(Histogram)  # cache outcome
         self.upstream_results: dict[tuple[str, str, str], int] = defaultdict(int)  # (server, proto, result)
         self.upstream_latency: dict[str, Histogram] = defaultdict(Histogram)  # server
+        self.upstream_dropped: dict[tuple[str, str, str], int] = defaultdict(int)  # (server, proto, reason)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def on_upstream_dropped(self, server: Any, protocol: str, reason: str) -> None:
+        """Hook for upstream.Upstreams: a reply that did not match a query in flight (RFC 5452 §9.1)."""
+        self.upstream_dropped[(str(server.endpoint), protocol, reason)] += 1
 
     def on_upstream_result(self, server: Any, protocol: str, result: str, seconds: float) -> None:
         """Hook for upstream.Upstreams: one call per try."""
@@ -207,6 +212,15 @@ class ProxyCollector:
         for (server, proto, result), count in sorted(s.upstream_results.items()):
             upstream.add_metric([server, proto, result], count)
         yield upstream
+        dropped_replies = CounterMetricFamily(
+            PREFIX + "upstream_replies_dropped",
+            "Upstream replies dropped unused: no query in flight with that ID (id), another question (question), "
+            "or shorter than a header (short); RFC 5452.",
+            labels=["upstream", "proto", "reason"],
+        )
+        for (server, proto, reason), count in sorted(s.upstream_dropped.items()):
+            dropped_replies.add_metric([server, proto, reason], count)
+        yield dropped_replies
         up = GaugeMetricFamily(PREFIX + "upstream_up", "1 while the upstream is healthy, 0 while marked down.",
                                labels=["upstream"])  # fmt: skip
         for group in self.upstream_groups():

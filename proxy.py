@@ -52,6 +52,7 @@ class Proxy:
             config.force_tcp,
             log,
             on_result=self.stats.on_upstream_result,
+            on_dropped=self.stats.on_upstream_dropped,
         )
         router = routing.build_router(config, log, default=upstreams)
         self.resolver = Resolver(config, self.cache, router, self.stats, log)
@@ -228,6 +229,8 @@ class Proxy:
         gevent.killall(self.background, block=True, timeout=1)
         for server in self.servers:
             server.close()
+        for upstreams in self.upstream_groups():
+            upstreams.close()
         if self.persister is not None:
             self.persister.stop()  # the final snapshot, once no query can change the cache any more
         if self.http is not None and not handed_over:

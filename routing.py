@@ -87,11 +87,14 @@ def build_router(
         known[(tuple(s.endpoint for s in default.servers), default.force_tcp)] = default
     template = default or (previous.default.upstreams if previous is not None else None)
     on_result = template.on_result if template is not None else None
+    on_dropped = template.on_dropped if template is not None else None
 
     def upstreams_for(endpoints: tuple[Endpoint, ...], force_tcp: bool) -> Upstreams:
         upstreams = known.get((endpoints, force_tcp))
         if upstreams is None:
-            upstreams = Upstreams(endpoints, config.upstream_timeout, config.deadline, force_tcp, log, on_result)
+            upstreams = Upstreams(
+                endpoints, config.upstream_timeout, config.deadline, force_tcp, log, on_result, on_dropped=on_dropped
+            )
             known[(endpoints, force_tcp)] = upstreams  # zones with the same servers share their health
         upstreams.try_timeout = config.upstream_timeout
         upstreams.deadline = config.deadline

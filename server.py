@@ -22,7 +22,7 @@ from config import Endpoint
 from logs import RateLimitedLog
 from metrics import HIT_SAMPLE_MASK, Stats
 from resolver import Resolver, TaskLimit
-from upstream import recv_exact
+from transport import recv_exact
 
 _U16 = struct.Struct("!H")
 TCP_MAX = 65535

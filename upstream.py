@@ -1,14 +1,12 @@
 """Forwarding: query bytes in, reply bytes out or UpstreamError, within one deadline; upstream health.
 
-Knows nothing of the cache. Spoofing resilience per RFC 5452: a fresh socket (random source port)
-and a random ID per try, and a reply is taken only from the server asked, with our ID and our question.
+Knows nothing of the cache. Which server is tried, for how long, and when a server counts as down
+are decided here; the sockets are transport.py's (pooled UDP, reused TCP, every RFC 5452 check).
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import secrets
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +18,8 @@ from gevent import socket
 
 import wire
 from config import Endpoint
+from transport import TcpPool, UdpPool
+from transport import UpstreamError as UpstreamError  # raised by the pools, re-exported for callers
 
 _U16 = struct.Struct("!H")
 MAX_MESSAGE = 65535
@@ -27,15 +27,7 @@ FAILURES_BEFORE_DOWN = 2  # consecutive failed tries, as CoreDNS forward's max_f
 PROBE_QUESTION = b"\x00" + struct.pack("!HH", wire.QTYPE_NS, 1)  # ". NS": cheap, any reply means alive
 
 
-class UpstreamError(Exception):
-    """No usable reply from any upstream before the deadline; `reason` is a short word for logs and metrics."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a key of the per-server pools
 class Server:
     """One upstream and its health: consecutive failures, and whether it is marked down."""
 
@@ -66,6 +58,7 @@ class Upstreams:
         log: Any,
         on_result: Callable[[Server, str, str, float], None] | None = None,
         timer: Callable[[], float] = time.monotonic,
+        on_dropped: Callable[[Server, str, str], None] | None = None,
     ) -> None:
         self.servers = [Server(e) for e in endpoints]
         self.try_timeout = try_timeout
@@ -74,6 +67,10 @@ class Upstreams:
         self.log = log
         self.on_result = on_result
         self.timer = timer  # the clock of the health marks (down_since, up_since); tests inject one
+        self.on_dropped = on_dropped
+        # Sockets and connections are per server and made on first use (transport.py).
+        self.udp_pools: dict[Server, UdpPool] = {}
+        self.tcp_pools: dict[Server, TcpPool] = {}
 
     def all_down(self) -> bool:
         """True while every upstream is marked down: callers then answer stale or SERVFAIL at once."""
@@ -124,53 +121,34 @@ class Upstreams:
         return reply
 
     def _exchange_udp(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
-        qid = secrets.randbits(16)
-        query = wire.build_upstream_query(qid, question, do, cd)
-        end = time.monotonic() + timeout
-        sock = socket.socket(server.family, socket.SOCK_DGRAM)
-        try:
-            # connect(): the kernel drops datagrams from any other address or port (RFC 5452 §9.1).
-            sock.connect(server.sockaddr)
-            sock.send(query)
-            while True:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    raise UpstreamError("timeout")
-                sock.settimeout(remaining)
-                try:
-                    reply = sock.recv(MAX_MESSAGE)
-                except TimeoutError:
-                    raise UpstreamError("timeout") from None
-                if _matches(reply, qid, question):
-                    return reply
-                # A reply with another ID or question is ignored; keep waiting (RFC 5452 §9.1).
-        except OSError as exc:
-            raise UpstreamError(_os_reason(exc)) from None
-        finally:
-            sock.close()
+        pool = self.udp_pools.get(server)
+        if pool is None:
+            pool = self.udp_pools[server] = UdpPool(server.sockaddr, server.family, self._dropper(server, "udp"))
+        return pool.exchange(wire.build_upstream_query(0, question, do, cd), question, timeout)
 
     def _exchange_tcp(self, server: Server, question: bytes, do: bool, cd: bool, timeout: float) -> bytes:
-        qid = secrets.randbits(16)
-        query = wire.build_upstream_query(qid, question, do, cd)
-        end = time.monotonic() + timeout
-        sock = socket.socket(server.family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(server.sockaddr)
-            sock.sendall(_U16.pack(len(query)) + query)
-            while True:
-                length = _U16.unpack(recv_exact(sock, 2, end))[0]
-                reply = recv_exact(sock, length, end)
-                if _matches(reply, qid, question):
-                    return reply
-        except TimeoutError:
-            raise UpstreamError("timeout") from None
-        except EOFError:
-            raise UpstreamError("closed") from None
-        except OSError as exc:
-            raise UpstreamError(_os_reason(exc)) from None
-        finally:
-            sock.close()
+        pool = self.tcp_pools.get(server)
+        if pool is None:
+            pool = self.tcp_pools[server] = TcpPool(server.sockaddr, server.family, self._dropper(server, "tcp"))
+        return pool.exchange(wire.build_upstream_query(0, question, do, cd), question, timeout)
+
+    def _dropper(self, server: Server, protocol: str) -> Callable[[str], None]:
+        """What a pool calls for each reply it drops (wrong ID or question: RFC 5452 §9.1)."""
+
+        def dropped(reason: str) -> None:
+            if self.on_dropped is not None:
+                self.on_dropped(server, protocol, reason)
+
+        return dropped
+
+    def close(self) -> None:
+        """Close every pooled socket and connection (at shutdown; a later query opens new ones)."""
+        for udp in self.udp_pools.values():
+            udp.close()
+        for tcp in self.tcp_pools.values():
+            tcp.close()
+        self.udp_pools.clear()
+        self.tcp_pools.clear()
 
     def _record(self, server: Server, protocol: str, result: str, started: float) -> None:
         if self.on_result is not None:
@@ -236,38 +214,3 @@ def run_prober(upstream_groups: Callable[[], Iterable[Upstreams]], interval: Cal
             if any(server.down for server in upstreams.servers)
         ]
         gevent.joinall(probes)
-
-
-def recv_exact(sock: Any, size: int, deadline: float) -> bytes:
-    """Exactly size bytes of a stream before the monotonic deadline (DNS over TCP framing, RFC 7766).
-
-    Raises TimeoutError when the deadline passes and EOFError when the peer closes midway.
-    """
-    chunks = []
-    while size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("message not complete in time")
-        sock.settimeout(remaining)
-        chunk = sock.recv(size)
-        if not chunk:
-            raise EOFError("closed mid-message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _matches(reply: bytes, qid: int, question: bytes) -> bool:
-    """A reply is ours only with QR=1, our ID and our question, compared case-insensitively."""
-    if len(reply) < 12 + len(question) or _U16.unpack_from(reply, 0)[0] != qid or not reply[2] & 0x80:
-        return False
-    if _U16.unpack_from(reply, 4)[0] != 1:
-        return False
-    asked = reply[12 : 12 + len(question)]
-    return asked[:-4].lower() == question[:-4].lower() and asked[-4:] == question[-4:]
-
-
-def _os_reason(exc: OSError) -> str:
-    if exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "connection_refused" if exc.errno == errno.ECONNREFUSED else "unreachable"
-    return "error"
