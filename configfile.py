@@ -32,6 +32,7 @@ LIVE_FIELDS = frozenset(
         "max_stale",
         "stale_answer_timeout",
         "failure_recheck",
+        "down_probe_interval",
         "upstream_timeout",
         "deadline",
         "force_tcp",
