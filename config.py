@@ -79,6 +79,7 @@ class Config:
     stale_answer_timeout: float = 1.8
     failure_recheck: float = 30.0
     down_probe_interval: float = 0.5
+    recovery_refresh_rate: int = 200
     upstream_timeout: float = 2.0
     deadline: float = 4.0
     force_tcp: bool = False
@@ -361,6 +362,13 @@ FLAGS: tuple[_Flag, ...] = (
         "while an upstream is marked down, ask it '. NS' this often, ±1/5 at random; its first reply ends the outage",
         _probe_interval,
         metavar="SECONDS",
+    ),
+    _Flag(
+        "recovery_refresh_rate",
+        "when an upstream is back, refresh the names answered stale meanwhile, most asked first, "
+        "at most N a second; 0: off",
+        _non_negative_count,
+        metavar="N",
     ),
     _Flag("upstream_timeout", "timeout of one try to one upstream", _positive_seconds, metavar="SECONDS"),
     _Flag(

@@ -33,6 +33,7 @@ LIVE_FIELDS = frozenset(
         "stale_answer_timeout",
         "failure_recheck",
         "down_probe_interval",
+        "recovery_refresh_rate",
         "upstream_timeout",
         "deadline",
         "force_tcp",
