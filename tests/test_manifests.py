@@ -17,6 +17,8 @@ from kubernetes_validate import utils as kv_utils
 from yamllint import config as yamllint_config
 from yamllint import linter as yamllint_linter
 
+import config as proxy_config
+
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "daemonset.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -28,6 +30,10 @@ rules:
   braces: {max-spaces-inside: 1}
   indentation: {indent-sequences: consistent}
 """
+# NodeLocal DNSCache's objects (kubernetes/kubernetes cluster/addons/dns/nodelocaldns) and the
+# k8s-app labels its and kube-dns's selectors use: none of ours may take one of them.
+NODELOCAL_NAMES = {"node-local-dns", "kube-dns-upstream", "kube-dns"}
+FOREIGN_APP_LABELS = {"node-local-dns", "kube-dns"}
 
 
 def documents() -> list[dict[str, Any]]:
@@ -51,6 +57,18 @@ def container(name: str) -> dict[str, Any]:
 def config() -> dict[str, str]:
     """Return the proxy's settings from the ConfigMap."""
     return find("ConfigMap")["data"]
+
+
+def service_variables(service: dict[str, Any]) -> set[str]:
+    """Return the variables the kubelet gives a pod for ``service`` (enableServiceLinks, pkg/kubelet/envvars)."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    names = {f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"}
+    for port in service["spec"]["ports"]:
+        if port.get("name"):
+            names.add(f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+        link = f"{prefix}_PORT_{port['port']}_{port.get('protocol', 'TCP').upper()}"
+        names |= {link, f"{link}_PROTO", f"{link}_PORT", f"{link}_ADDR"}
+    return names
 
 
 class TestSchemas:
@@ -89,14 +107,41 @@ class TestManifestContent:
         assert {doc["metadata"]["namespace"] for doc in documents()} == {"kube-system"}
 
     def test_upstream_service_selects_kube_dns(self) -> None:
-        """kube-dns-upstream selects the kube-dns pods on UDP and TCP 53."""
+        """kube-dns-proxy-upstream selects the kube-dns pods on UDP and TCP 53."""
         service = find("Service")
         ports = {(p["protocol"], p["port"]) for p in service["spec"]["ports"]}
         assert (service["metadata"]["name"], service["spec"]["selector"], ports) == (
-            "kube-dns-upstream",
+            "kube-dns-proxy-upstream",
             {"k8s-app": "kube-dns"},
             {("UDP", 53), ("TCP", 53)},
         )
+
+    def test_no_name_of_nodelocal_dnscache(self) -> None:
+        """No object takes a name of NodeLocal DNSCache's: applying or deleting this file never touches its objects."""
+        assert {doc["metadata"]["name"] for doc in documents()} & NODELOCAL_NAMES == set()
+
+    def test_labels_disjoint_from_nodelocal_and_kube_dns(self) -> None:
+        """Only k8s-app: kube-dns-proxy: kube-dns's and NodeLocal's selectors never match ours, nor ours theirs."""
+        daemonset = find("DaemonSet")
+        pod_labels = daemonset["spec"]["template"]["metadata"]["labels"]
+        selector = daemonset["spec"]["selector"]["matchLabels"]
+        every = [doc["metadata"]["labels"] for doc in documents()] + [pod_labels]
+        assert {labels.get("k8s-app") for labels in every} == {"kube-dns-proxy"}
+        assert selector.items() <= pod_labels.items() and selector["k8s-app"] not in FOREIGN_APP_LABELS
+        # kube-addon-manager reconciles or prunes whatever carries its labels (NodeLocal's objects do).
+        addon_labels = [key for labels in every for key in labels if key.startswith("addonmanager.kubernetes.io/")]
+        assert addon_labels == []
+
+    def test_proxy_reads_the_upstream_services_variable(self) -> None:
+        """The placeholder's variable in config.py is the kubelet's {SERVICE}_SERVICE_HOST of the manifest's Service."""
+        prefix = find("Service")["metadata"]["name"].upper().replace("-", "_")
+        assert config()["KUBE_DNS_PROXY_UPSTREAM"] == proxy_config.UPSTREAM_PLACEHOLDER
+        assert proxy_config.UPSTREAM_SERVICE_ENV == f"{prefix}_SERVICE_HOST"
+
+    def test_service_variables_set_no_proxy_setting(self) -> None:
+        """The Service's variables share the KUBE_DNS_PROXY_ prefix: none may be a flag's variable or ConfigMap key."""
+        settings = {flag.env for flag in proxy_config.FLAGS} | set(config())
+        assert service_variables(find("Service")) & settings == set()
 
     def test_pod_runs_on_host_network_without_cluster_dns(self) -> None:
         """hostNetwork with dnsPolicy Default and the highest priority class."""
