@@ -31,7 +31,7 @@ COPY *.py ./
 RUN python -m compileall -q /app
 
 # Documentation only: the pod uses the host network.
-EXPOSE 53/udp 53/tcp 9253/tcp 9254/tcp
+EXPOSE 53/udp 53/tcp 9254/tcp
 # Exec form: python is PID 1 and gets SIGTERM itself (proxy.py handles it and tears down).
 # No HEALTHCHECK: Kubernetes ignores it; the DaemonSet's probes use /health and /ready.
 ENTRYPOINT ["python", "proxy.py"]

@@ -34,6 +34,8 @@ rules:
 # k8s-app labels its and kube-dns's selectors use: none of ours may take one of them.
 NODELOCAL_NAMES = {"node-local-dns", "kube-dns-upstream", "kube-dns"}
 FOREIGN_APP_LABELS = {"node-local-dns", "kube-dns"}
+# Ports NodeLocal DNSCache holds on the host network: DNS, health (8080), CoreDNS and node-cache metrics.
+NODELOCAL_HOST_PORTS = {53, 8080, 9253, 9353}
 
 
 def documents() -> list[dict[str, Any]]:
@@ -250,6 +252,11 @@ class TestManifestContent:
         annotations = find("DaemonSet")["spec"]["template"]["metadata"]["annotations"]
         port = config()["KUBE_DNS_PROXY_HTTP"].rsplit(":", 1)[1]
         assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"]) == ("true", port)
+
+    def test_http_port_not_one_of_nodelocal_dnscache(self) -> None:
+        """The HTTP port (probes, metrics) is none NodeLocal DNSCache holds: while both run, probes reach the proxy."""
+        port = int(config()["KUBE_DNS_PROXY_HTTP"].rsplit(":", 1)[1])
+        assert port not in NODELOCAL_HOST_PORTS
 
     def test_proxy_settings_all_prefixed(self) -> None:
         """Every ConfigMap key is a KUBE_DNS_PROXY_ environment variable."""
