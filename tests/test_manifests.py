@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -22,6 +26,7 @@ import config as proxy_config
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "daemonset.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
 VERSIONS = sorted(set(kv_utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
 YAMLLINT_CONFIG = """
 extends: default
@@ -293,8 +298,175 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return pairs
 
 
+def docker_glob(pattern: str) -> re.Pattern[str]:
+    """Docker's path pattern (Go filepath.Match, plus ** in .dockerignore) as a regex: * and ? stop at /."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(.*/)?")  # any number of directories, none included
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i + 1)
+            out.append(pattern[i : end + 1])
+            i = end + 1
+        elif pattern[i] == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore ``patterns`` keep ``path`` out of the build context, as Docker decides it.
+
+    The last pattern matching the path or one of its parent directories wins; "!" re-includes.
+    """
+    parts = path.split("/")
+    excluded = False
+    for raw in patterns:
+        negated = raw.startswith("!")
+        pattern = os.path.normpath(raw[1:] if negated else raw).lstrip("/")
+        regex = docker_glob(pattern)
+        if any(regex.fullmatch("/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negated
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    """Return the .dockerignore patterns in order (comments and blank lines dropped)."""
+    lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def context_copies() -> list[tuple[list[str], str]]:
+    """Return (sources, destination) of every COPY from the build context (not --from a stage)."""
+    copies = []
+    for instruction, rest in dockerfile_instructions():
+        if instruction not in ("COPY", "ADD"):
+            continue
+        args = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+        if any(arg.startswith("--from") for arg in args):
+            continue
+        args = [arg for arg in args if not arg.startswith("--")]
+        copies.append((args[:-1], args[-1]))
+    return copies
+
+
+def in_image(path: str, patterns: list[str]) -> bool:
+    """Whether ``path`` (relative to the repository root) reaches the image: COPY'd and in the build context."""
+    copied = False
+    for sources, _ in context_copies():
+        for source in sources:
+            source = os.path.normpath(source).lstrip("/")
+            # A directory source (or the whole context, ".") brings everything under it.
+            if source == "." or docker_glob(source).fullmatch(path) or path.startswith(source + "/"):
+                copied = True
+    return copied and not ignored(path, patterns)
+
+
+def entry_points() -> set[str]:
+    """Return the scripts the image runs: the Dockerfile's ENTRYPOINT and each container's command."""
+    scripts = set()
+    for instruction, rest in dockerfile_instructions():
+        if instruction == "ENTRYPOINT":
+            scripts |= {arg for arg in json.loads(rest) if arg.endswith(".py")}
+    pod = find("DaemonSet")["spec"]["template"]["spec"]
+    for container_spec in pod["containers"] + pod.get("initContainers", []):
+        scripts |= {arg for arg in container_spec.get("command", []) if arg.endswith(".py")}
+    return scripts
+
+
+def own_modules(script: str) -> set[str]:
+    """Return ``script`` and the repository's top-level modules it imports, transitively (found with ast)."""
+    seen: set[str] = set()
+    todo = [script]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((ROOT / name).read_text(), name)):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                for candidate in (f"{top}.py", f"{top}/__init__.py"):
+                    if (ROOT / candidate).is_file():
+                        todo.append(candidate)
+    return seen
+
+
 class TestDockerfile:
     """The Dockerfile's contract and its pip step, run for real."""
+
+    def test_base_image_pinned_by_digest(self) -> None:
+        """FROM names the image by tag and by the sha256 digest (the digest is what Docker pulls)."""
+        (base,) = [rest for ins, rest in dockerfile_instructions() if ins == "FROM"]
+        assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", base), base
+
+    def test_apt_packages_not_pinned_by_version(self) -> None:
+        """No apt-get install pins a version: Debian keeps only a suite's current one, so a pin breaks the build."""
+        installs = [rest for ins, rest in dockerfile_instructions() if ins == "RUN" and "apt-get install" in rest]
+        packages = [word for rest in installs for word in rest.split("apt-get install")[1].split("&&")[0].split()]
+        assert installs and [word for word in packages if "=" in word] == []
+
+    def test_python_requirements_pinned(self) -> None:
+        """Every line of requirements.txt pins one exact version (NAME==VERSION)."""
+        lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+        requirements = [line for line in lines if line]
+        assert requirements and [r for r in requirements if not re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.]+", r)] == []
+
+    def test_entry_points_and_their_modules_are_in_the_image(self) -> None:
+        """proxy.py, watchdog.py and every top-level module they import are COPY'd and not in .dockerignore."""
+        scripts = entry_points()
+        needed = set().union(*(own_modules(script) for script in scripts))
+        patterns = dockerignore_patterns()
+        assert {"proxy.py", "watchdog.py"} <= scripts and "netsetup.py" in needed
+        assert sorted(path for path in needed if not in_image(path, patterns)) == []
+
+    def test_modules_copied_into_the_working_directory(self) -> None:
+        """The modules land in WORKDIR, where `python proxy.py` and `python watchdog.py` import them from."""
+        (workdir,) = [rest for ins, rest in dockerfile_instructions() if ins == "WORKDIR"]
+        destinations = {dest for sources, dest in context_copies() if any(s.endswith(".py") for s in sources)}
+        assert {os.path.normpath(os.path.join(workdir, dest)) for dest in destinations} == {workdir}
+
+    def test_module_check_sees_an_excluded_module(self) -> None:
+        """The check has teeth: one more .dockerignore line for wire.py keeps wire.py out of the image."""
+        patterns = dockerignore_patterns()
+        assert (in_image("wire.py", patterns), in_image("wire.py", [*patterns, "wire.py"])) == (True, False)
+
+    @pytest.mark.parametrize(
+        ("path", "patterns", "expected"),
+        [
+            ("proxy.py", ["*", "!*.py"], False),
+            ("README.md", ["*", "!*.py"], True),
+            # * stops at /: the directory tests is excluded by "*", and "!*.py" does not reach inside it.
+            ("tests/test_wire.py", ["*", "!*.py"], True),
+            ("tests/test_wire.py", ["*", "!**/*.py"], False),
+            ("proxy.py", ["**/*.py"], True),
+            # The last matching pattern wins.
+            ("proxy.py", ["!proxy.py", "*"], True),
+            ("proxy.py", ["/proxy.py"], True),
+        ],
+    )
+    def test_dockerignore_matching_like_docker(self, path: str, patterns: list[str], expected: bool) -> None:
+        """The .dockerignore reading follows Docker's rules: last match wins, parents count, * stops at /."""
+        assert ignored(path, patterns) is expected
 
     def test_exec_form_entrypoint(self) -> None:
         """The entry point is exec form, so SIGTERM reaches Python as PID 1."""
