@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import venv
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,31 @@ class TestSchemas:
         broken["spec"]["template"]["spec"]["hostNetwrok"] = True
         with pytest.raises(kubernetes_validate.ValidationError):
             kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def readme_objects() -> list[dict[str, Any]]:
+    """Return the objects the README creates with `kubectl create -f - <<'EOF'` (migration steps)."""
+    readme = (ROOT / "README.md").read_text()
+    bodies = re.findall(r"kubectl create -f - <<'EOF'\n(.*?)\n *EOF\n", readme, re.S)
+    return [yaml.safe_load(textwrap.dedent(body)) for body in bodies]
+
+
+class TestReadmeObjects:
+    """The objects the README's migration steps create are valid, like the manifest's."""
+
+    def test_readme_creates_services(self) -> None:
+        """The manual-method migration creates kube-dns-clusterip, then kube-dns, both at the kube-dns ClusterIP."""
+        objects = readme_objects()
+        assert [(o["kind"], o["metadata"]["name"], o["spec"]["clusterIP"]) for o in objects] == [
+            ("Service", "kube-dns-clusterip", "10.96.0.10"),
+            ("Service", "kube-dns", "10.96.0.10"),
+        ]
+
+    @pytest.mark.parametrize("version", VERSIONS)
+    def test_readme_objects_valid(self, version: str) -> None:
+        """Each passes the strict schema of this Kubernetes version."""
+        for obj in readme_objects():
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 class TestManifestContent:
