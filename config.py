@@ -593,17 +593,19 @@ def _is_own_listen_address(upstream: Endpoint, listen: Sequence[Endpoint]) -> bo
 
 
 UPSTREAM_PLACEHOLDER = "__PILLAR__CLUSTER__DNS__"
-UPSTREAM_SERVICE_ENV = "KUBE_DNS_UPSTREAM_SERVICE_HOST"
+# The kubelet's variable for the manifest's Service kube-dns-proxy-upstream.  No fallback to
+# KUBE_DNS_UPSTREAM_SERVICE_HOST: that is NodeLocal DNSCache's Service, deleted with it.
+UPSTREAM_SERVICE_ENV = "KUBE_DNS_PROXY_UPSTREAM_SERVICE_HOST"
 
 
 def _fill_upstream_placeholder(text: str, environ: Mapping[str, str]) -> str:
-    """The manifest's placeholder becomes the kube-dns-upstream Service IP the kubelet gives the pod."""
+    """The manifest's placeholder becomes the kube-dns-proxy-upstream Service IP the kubelet gives the pod."""
     if text.strip() != UPSTREAM_PLACEHOLDER:
         return text
     host = environ.get(UPSTREAM_SERVICE_ENV, "").strip()
     if not host:
         raise ConfigError(
-            f"--upstream {UPSTREAM_PLACEHOLDER} needs ${UPSTREAM_SERVICE_ENV} (the kube-dns-upstream Service)"
+            f"--upstream {UPSTREAM_PLACEHOLDER} needs ${UPSTREAM_SERVICE_ENV} (the kube-dns-proxy-upstream Service)"
         )
     return f"[{host}]:53" if ":" in host else f"{host}:53"
 

@@ -4,10 +4,10 @@ Topology (a node as Kubernetes builds it), only 169.254.0.0/16 addresses, in nam
 
   [pod] p0 169.254.100.2 --veth-- n0 169.254.100.1 [node] n1 169.254.101.1 --veth-- u0 [up]
   resolv.conf -> 169.254.96.10                     rules, proxy         169.254.101.2 kube-dns pod
-                                                                        169.254.101.3 kube-dns-upstream
+                                                                        169.254.101.3 kube-dns-proxy-upstream
 
 169.254.96.10 stands in for the kube-dns ClusterIP (10.96.0.10), 169.254.96.11 for the
-kube-dns-upstream ClusterIP; a KUBE-SERVICES chain in the node's nat table stands in for
+kube-dns-proxy-upstream ClusterIP; a KUBE-SERVICES chain in the node's nat table stands in for
 kube-proxy.  Answers identify who answered: 169.254.0.1 = kube-dns reached through kube-proxy
 (the fallback), 169.254.0.2 = the node-local stand-in responder, 169.254.0.3 = the upstream
 Service reached by the proxy.
