@@ -215,6 +215,10 @@ class AnswerCache(Cache):
         stale = sum(1 for entry in self._data.values() if entry.expires_at <= now)
         return len(self._data) - stale, stale
 
+    def retry_marked(self, now: float) -> list[tuple[bytes, Entry]]:
+        """The entries whose failure recheck is pending (retry_after > now); O(n), no LRU touch."""
+        return [(key, entry) for key, entry in self._data.items() if entry.retry_after > now]
+
     def entries(self) -> Iterator[tuple[bytes, Entry]]:
         """All (key, entry) pairs, least recently used first, without touching the LRU order."""
         data = self._data

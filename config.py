@@ -78,6 +78,8 @@ class Config:
     max_stale: float = math.inf
     stale_answer_timeout: float = 1.8
     failure_recheck: float = 30.0
+    down_probe_interval: float = 0.5
+    recovery_refresh_rate: int = 200
     upstream_timeout: float = 2.0
     deadline: float = 4.0
     force_tcp: bool = False
@@ -167,6 +169,16 @@ def _positive_seconds(text: str) -> float:
     value = _seconds(text)
     if value == 0:
         raise ValueError("must be more than 0")
+    return value
+
+
+MIN_DOWN_PROBE_INTERVAL = 0.1  # probes are per server and per node: thousands of nodes probe one kube-dns
+
+
+def _probe_interval(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_DOWN_PROBE_INTERVAL:
+        raise ValueError(f"must be at least {MIN_DOWN_PROBE_INTERVAL} seconds")
     return value
 
 
@@ -344,6 +356,19 @@ FLAGS: tuple[_Flag, ...] = (
         "after a failed refresh, answer stale at once and ask again at most this often",
         _positive_seconds,
         metavar="SECONDS",
+    ),
+    _Flag(
+        "down_probe_interval",
+        "while an upstream is marked down, ask it '. NS' this often, ±1/5 at random; its first reply ends the outage",
+        _probe_interval,
+        metavar="SECONDS",
+    ),
+    _Flag(
+        "recovery_refresh_rate",
+        "when an upstream is back, refresh the names answered stale meanwhile, most asked first, "
+        "at most N a second; 0: off",
+        _non_negative_count,
+        metavar="N",
     ),
     _Flag("upstream_timeout", "timeout of one try to one upstream", _positive_seconds, metavar="SECONDS"),
     _Flag(
@@ -568,17 +593,19 @@ def _is_own_listen_address(upstream: Endpoint, listen: Sequence[Endpoint]) -> bo
 
 
 UPSTREAM_PLACEHOLDER = "__PILLAR__CLUSTER__DNS__"
-UPSTREAM_SERVICE_ENV = "KUBE_DNS_UPSTREAM_SERVICE_HOST"
+# The kubelet's variable for the manifest's Service kube-dns-proxy-upstream.  No fallback to
+# KUBE_DNS_UPSTREAM_SERVICE_HOST: that is NodeLocal DNSCache's Service, deleted with it.
+UPSTREAM_SERVICE_ENV = "KUBE_DNS_PROXY_UPSTREAM_SERVICE_HOST"
 
 
 def _fill_upstream_placeholder(text: str, environ: Mapping[str, str]) -> str:
-    """The manifest's placeholder becomes the kube-dns-upstream Service IP the kubelet gives the pod."""
+    """The manifest's placeholder becomes the kube-dns-proxy-upstream Service IP the kubelet gives the pod."""
     if text.strip() != UPSTREAM_PLACEHOLDER:
         return text
     host = environ.get(UPSTREAM_SERVICE_ENV, "").strip()
     if not host:
         raise ConfigError(
-            f"--upstream {UPSTREAM_PLACEHOLDER} needs ${UPSTREAM_SERVICE_ENV} (the kube-dns-upstream Service)"
+            f"--upstream {UPSTREAM_PLACEHOLDER} needs ${UPSTREAM_SERVICE_ENV} (the kube-dns-proxy-upstream Service)"
         )
     return f"[{host}]:53" if ":" in host else f"{host}:53"
 

@@ -32,6 +32,8 @@ LIVE_FIELDS = frozenset(
         "max_stale",
         "stale_answer_timeout",
         "failure_recheck",
+        "down_probe_interval",
+        "recovery_refresh_rate",
         "upstream_timeout",
         "deadline",
         "force_tcp",

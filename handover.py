@@ -257,6 +257,27 @@ class InstanceRegistry:
         if interceptor.route_localnet_before is None and facts:
             self.write_shared({})  # restored: nothing left to remember
 
+    # -- questions the watchdog asks (it never registers) --
+
+    def any_alive(self) -> bool:
+        """Whether any instance holds its lock file: a live proxy, even a stopped (SIGSTOP) or hung one.
+
+        Read-only: removes no stale file and takes no lock.  A directory that cannot be read counts as empty.
+        """
+        try:
+            lock_files = list(self.directory.glob("*.lock"))
+        except OSError:
+            return False
+        for lock_path in lock_files:
+            if lock_path.name == "lock" or lock_path.stem == self.id:
+                continue
+            try:
+                if self._alive(lock_path):
+                    return True
+            except OSError:  # unreadable: not proof of life
+                continue
+        return False
+
     # -- questions the proxy asks --
 
     def newer_starting(self) -> bool:

@@ -80,6 +80,7 @@ class Stats:
         "refused",
         "prefetches",
         "negative_held",
+        "recovery_refreshes",
     )
 
     def __init__(self) -> None:
@@ -98,6 +99,7 @@ class Stats:
         self.refused = 0
         self.prefetches = 0
         self.negative_held = 0
+        self.recovery_refreshes = 0  # background refreshes of names answered stale, once their upstream is back
         # How long past expiry the stalest answer of the current stale episode was (0: none).
         self.stale_max_age = 0.0
         self.queries_by_type: dict[tuple[str, int], int] = defaultdict(int)  # (proto, qtype)
@@ -206,6 +208,12 @@ class ProxyCollector:
         coalesced = CounterMetricFamily(PREFIX + "coalesced", "Queries that joined an upstream query in flight.")
         coalesced.add_metric([], s.coalesced)
         yield coalesced
+        recovery = CounterMetricFamily(
+            PREFIX + "recovery_refreshes",
+            "Background refreshes of names answered stale, sent once their upstream answered again.",
+        )
+        recovery.add_metric([], s.recovery_refreshes)
+        yield recovery
 
         upstream = CounterMetricFamily(PREFIX + "upstream_queries", "Tries sent upstream, by server, protocol, result.",
                                        labels=["upstream", "proto", "result"])  # fmt: skip

@@ -111,7 +111,9 @@ class Proxy:
             server.start()
         resolver = self.resolver
         self.background.append(
-            gevent.spawn(run_prober, lambda: resolver.router.all_upstreams(), lambda: resolver.config.failure_recheck)
+            gevent.spawn(
+                run_prober, lambda: resolver.router.all_upstreams(), lambda: resolver.config.down_probe_interval
+            )
         )
         self.background.append(gevent.spawn(self._housekeeping))
         if self.persister is not None:

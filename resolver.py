@@ -1,12 +1,15 @@
 """The query engine: fresh hits, stale answers (RFC 8767), coalescing, prefetch, and what is stored.
 
 Read top-down like CoreDNS's cache handler: look the key up; serve it fresh; else serve it stale
-and refresh; else forward, store and answer. Everything the proxy does during an outage is here;
-the servers (server.py) only parse, hand over and send, the upstreams (upstream.py) only forward.
+and refresh; else forward, store and answer. Everything the proxy does during an outage is here,
+and how it ends (upstream_up: failure marks cleared, the names answered stale refreshed); the
+servers (server.py) only parse, hand over and send, the upstreams (upstream.py) only forward.
+Longer than the other modules for that reason: an outage's start and its end share their state.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,13 +23,14 @@ from config import Config
 from logs import RateLimitedLog
 from metrics import Stats
 from routing import Route, Router
-from upstream import UpstreamError, Upstreams
+from upstream import Server, UpstreamError, Upstreams
 
 MAX_TEMPLATES = 20_000  # parsed queries kept for the hot path (about 6 MB at most)
 RENDERED_PER_ENTRY = 8  # rendered answers kept per cache entry
 DOWN_TRIES_PER_SECOND = 5  # misses forwarded anyway while every upstream is marked down
 STALE_EPISODE_QUIET = 5.0  # seconds without a stale answer that end a stale-serving episode
 INVALID_TLD = wire.name_to_wire("invalid.")
+RECOVERY_NAMES = 10_000  # names answered stale remembered for the refresh after an outage (about 1.5 MB)
 
 
 class TaskLimit:
@@ -107,6 +111,7 @@ class Resolver:
         stats: Stats,
         log: Any,
         timer: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = gevent.sleep,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -115,6 +120,7 @@ class Resolver:
         self.log = log
         self.errors = RateLimitedLog(log)
         self.timer = timer
+        self.sleep = sleep  # the recovery refresh's pacing; tests inject one that moves their clock
         self.prefetch_window = prefetch_window(config)  # 0.0: prefetch off
         self.hit_metrics = not config.no_metrics
         self.inflight: dict[bytes, gevent.event.AsyncResult] = {}
@@ -126,12 +132,29 @@ class Resolver:
         self.stale_since: float | None = None
         self.stale_in_episode = 0
         self.last_stale_at = 0.0
+        self.names_in_episode = 0  # distinct names answered stale, counted up to RECOVERY_NAMES
+        self.recovered_at: float | None = None  # the episode's last upstream_up
+        self.refreshed_in_episode = 0
+        self.refresh_failed_in_episode = 0
+        # Names answered stale, with how many stale answers each, until their upstream is back; then
+        # they wait in recovery_pending for the background refresh. Both at most RECOVERY_NAMES.
+        self.stale_keys: dict[bytes, int] = {}
+        self.recovery_pending: dict[bytes, int] = {}
+        self.recovery_running = False
+        self.recovery_sent_at = -math.inf  # when the last recovery refresh was sent (the pacing)
+        self.watch(router)
 
     def reconfigure(self, config: Config, router: Router) -> None:
         """Swap in a reloaded Config and its routes; nothing here yields, so no query sees half of it."""
         self.router = router
         self.prefetch_window = prefetch_window(config)
         self.config = config
+        self.watch(router)
+
+    def watch(self, router: Router) -> None:
+        """Be told when a server of the routes' upstreams is marked up again (upstream_up)."""
+        for upstreams in router.all_upstreams():
+            upstreams.on_up = self.upstream_up
 
     # -- fresh hits: the hot path ----------------------------------------------------------------
 
@@ -283,6 +306,14 @@ class Resolver:
         self.last_stale_at = now
         self.stale_in_episode += 1
         stats.stale_max_age = max(stats.stale_max_age, entry.stale_for(now))
+        # Remembered for the refresh once the upstream is back: a dict update, bounded.
+        stale_keys = self.stale_keys
+        count = stale_keys.get(query.key)
+        if count is not None:
+            stale_keys[query.key] = count + 1
+        elif len(stale_keys) < RECOVERY_NAMES:
+            stale_keys[query.key] = 1
+            self.names_in_episode += 1
         if self.stale_since is None:
             self.stale_since = now
             self.log.warning(
@@ -299,18 +330,125 @@ class Resolver:
         return wire.error_response(query.wire, wire.SERVFAIL, query, ede)
 
     def report_stale_episode(self) -> None:
-        """Close a stale-serving episode once no stale answer was needed for a while (one line, not one per answer)."""
-        if self.stale_since is None:
+        """Close a stale-serving episode once no stale answer was needed for a while (one line, not one per answer).
+
+        Not while the recovery refresh runs: the line gives its figures. recovery_seconds: from the
+        last upstream_up to the last stale answer (None: no upstream came back in the episode).
+        """
+        if self.stale_since is None or self.recovery_running:
             return
         if self.timer() - self.last_stale_at >= STALE_EPISODE_QUIET:
+            recovered_at = self.recovered_at
+            recovery = None if recovered_at is None else round(max(0.0, self.last_stale_at - recovered_at), 3)
             self.log.info(
                 "stale_serving_ended",
                 stale_answers=self.stale_in_episode,
                 duration_seconds=round(self.last_stale_at - self.stale_since, 1),
+                names_served_stale=self.names_in_episode,
+                recovery_seconds=recovery,
+                refreshed=self.refreshed_in_episode,
+                refresh_failed=self.refresh_failed_in_episode,
             )
             self.stale_since = None
-            self.stale_in_episode = 0
+            self.stale_in_episode = self.names_in_episode = 0
+            self.refreshed_in_episode = self.refresh_failed_in_episode = 0
+            self.recovered_at = None
             self.stats.stale_max_age = 0.0
+            if not any(server.down for upstreams in self.router.all_upstreams() for server in upstreams.servers):
+                # Stale for failures of their own (SERVFAIL, a slow name), not an outage: nothing to recover.
+                self.stale_keys.clear()
+
+    # -- the end of an outage: upstream_up -----------------------------------------------------------
+
+    def upstream_up(self, upstreams: Upstreams, server: Server) -> None:
+        """A server marked down answers again (Upstreams.on_up): end the outage of the names routed to it.
+
+        Their failure marks (RFC 8767 §5) go, so the next query of each waits for fresh data within
+        the client timer instead of getting stale at once until --failure-recheck; the names answered
+        stale meanwhile are then refreshed in the background (_run_recovery). One pass over the
+        marked entries, no yield: this runs inside a probe or an upstream try.
+        """
+        now = self.timer()
+        route_for = self.router.route_for
+        for key, entry in self.cache.retry_marked(now):
+            if route_for(key).upstreams is upstreams:
+                entry.retry_after = 0.0
+        if self.stale_since is not None:
+            self.recovered_at = now
+        stale_keys = self.stale_keys
+        pending = self.recovery_pending
+        refresh = self.config.recovery_refresh_rate > 0
+        for key in [key for key in stale_keys if route_for(key).upstreams is upstreams]:
+            count = stale_keys.pop(key)
+            if refresh and (key in pending or len(pending) < RECOVERY_NAMES):
+                pending[key] = pending.get(key, 0) + count
+        if pending and not self.recovery_running:
+            self.recovery_running = True
+            self.fetch_pool.spawn(self._run_recovery)
+
+    def _run_recovery(self) -> None:
+        """Refresh the names answered stale in an outage, most asked first, --recovery-refresh-rate a second at most.
+
+        Through the normal fetch path: coalesced with the clients' own refreshes, stored like any
+        answer. A name already fresh again (a client asked first), evicted or in flight costs no
+        query; one whose servers are all down again waits for their next upstream_up. The sends
+        are spaced 1/rate apart, so kube-dns, just back, never gets a burst from us.
+        """
+        outstanding: list[gevent.event.AsyncResult] = []
+        try:
+            while self.recovery_pending:
+                cache = self.cache
+                batch = sorted(
+                    self.recovery_pending.items(),
+                    key=lambda item: (item[1], getattr(cache.get(item[0]), "hits", 0)),
+                    reverse=True,
+                )
+                self.recovery_pending = {}
+                for key, count in batch:
+                    if not self._needs_recovery(key, count):
+                        continue
+                    rate = self.config.recovery_refresh_rate
+                    if rate <= 0:  # turned off by a reload
+                        self.recovery_pending.clear()
+                        return
+                    wait = self.recovery_sent_at + 1.0 / rate - self.timer()
+                    if wait > 0:
+                        self.sleep(wait)
+                        if not self._needs_recovery(key, count):
+                            continue
+                    pending = self._fetch_key(key, wire.key_question_wire(key), *wire.key_flags(key))
+                    if pending is None:  # the background pool is full
+                        self.refresh_failed_in_episode += 1
+                        continue
+                    self.recovery_sent_at = self.timer()
+                    self.stats.recovery_refreshes += 1
+                    pending.rawlink(self._recovery_refreshed)
+                    outstanding = [result for result in outstanding if not result.ready()]
+                    outstanding.append(pending)
+            if outstanding:
+                # The episode's line waits for the answers of the last refreshes (one deadline at most).
+                gevent.wait(outstanding, timeout=self.config.deadline)
+        finally:
+            self.recovery_running = False
+
+    def _needs_recovery(self, key: bytes, count: int) -> bool:
+        """True if the name is still cached and stale, not in flight nor failed since, and its upstream
+        is up; put back with the stale names if its servers are all down again."""
+        entry = self.cache.get(key)  # Cache.get: no LRU touch
+        now = self.timer()
+        if entry is None or entry.expires_at > now or entry.retry_after > now or key in self.inflight:
+            return False
+        if self.router.route_for(key).upstreams.all_down():
+            if key in self.stale_keys or len(self.stale_keys) < RECOVERY_NAMES:
+                self.stale_keys[key] = self.stale_keys.get(key, 0) + count
+            return False
+        return True
+
+    def _recovery_refreshed(self, pending: gevent.event.AsyncResult) -> None:
+        if self._usable(pending) is not None:
+            self.refreshed_in_episode += 1
+        else:
+            self.refresh_failed_in_episode += 1
 
     # -- upstream fetches: coalesced, stored -----------------------------------------------------
 
@@ -330,13 +468,16 @@ class Resolver:
     def _fetch(self, query: wire.Query) -> gevent.event.AsyncResult | None:
         """The pending upstream answer for this key: joined if one is in flight, else started in the
         background; None when the background pool is full."""
-        pending = self._joined(query.key)
+        return self._fetch_key(query.key, query.question, query.do, query.cd)
+
+    def _fetch_key(self, key: bytes, question: bytes, do: bool, cd: bool) -> gevent.event.AsyncResult | None:
+        pending = self._joined(key)
         if pending is not None:
             return pending
         if self.fetch_pool.full():
             return None
-        pending = self.inflight[query.key] = gevent.event.AsyncResult()
-        self.fetch_pool.spawn(self._run_fetch, query.key, query.question, query.do, query.cd, pending)
+        pending = self.inflight[key] = gevent.event.AsyncResult()
+        self.fetch_pool.spawn(self._run_fetch, key, question, do, cd, pending)
         return pending
 
     def _fetch_inline(self, query: wire.Query) -> gevent.event.AsyncResult:

@@ -7,6 +7,7 @@ are decided here; the sockets are transport.py's (pooled UDP, reused TCP, every 
 from __future__ import annotations
 
 import math
+import random
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
+import gevent.pool
 from gevent import socket
 
 import wire
@@ -25,6 +27,7 @@ _U16 = struct.Struct("!H")
 MAX_MESSAGE = 65535
 FAILURES_BEFORE_DOWN = 2  # consecutive failed tries, as CoreDNS forward's max_fails default
 PROBE_QUESTION = b"\x00" + struct.pack("!HH", wire.QTYPE_NS, 1)  # ". NS": cheap, any reply means alive
+PROBE_JITTER = 0.2  # probes every --down-probe-interval ± 20 %: nodes that lost kube-dns together drift apart
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a key of the per-server pools
@@ -36,6 +39,7 @@ class Server:
     down: bool = False
     down_since: float = 0.0
     up_since: float = -math.inf  # monotonic time it was last marked up again after being down
+    probing: bool = False  # a probe loop runs for it (run_prober): one probe in flight at most
 
     @property
     def family(self) -> int:
@@ -59,6 +63,7 @@ class Upstreams:
         on_result: Callable[[Server, str, str, float], None] | None = None,
         timer: Callable[[], float] = time.monotonic,
         on_dropped: Callable[[Server, str, str], None] | None = None,
+        on_up: Callable[[Upstreams, Server], None] | None = None,
     ) -> None:
         self.servers = [Server(e) for e in endpoints]
         self.try_timeout = try_timeout
@@ -71,6 +76,8 @@ class Upstreams:
         # Sockets and connections are per server and made on first use (transport.py).
         self.udp_pools: dict[Server, UdpPool] = {}
         self.tcp_pools: dict[Server, TcpPool] = {}
+        # Called when a server marked down is marked up again: the resolver ends its outage there.
+        self.on_up = on_up
 
     def all_down(self) -> bool:
         """True while every upstream is marked down: callers then answer stale or SERVFAIL at once."""
@@ -169,7 +176,7 @@ class Upstreams:
         self.mark_up(server)
 
     def mark_up(self, server: Server) -> None:
-        """Any reply means the server is alive (like CoreDNS forward's health check)."""
+        """Any reply means the server is alive (like CoreDNS forward's health check); down -> up calls on_up."""
         server.failures = 0
         if server.down:
             server.down = False
@@ -179,6 +186,11 @@ class Upstreams:
                 upstream=str(server.endpoint),
                 down_seconds=round(server.up_since - server.down_since, 3),
             )
+            if self.on_up is not None:
+                try:
+                    self.on_up(self, server)
+                except Exception as exc:  # another module's code: a failing hook must not undo the mark
+                    self.log.error("upstream_up_hook_failed", upstream=str(server.endpoint), error=repr(exc))
 
     def probe(self, server: Server, timeout: float) -> bool:
         """Ask a down server `. NS` (answer content ignored); a reply marks it up."""
@@ -193,24 +205,59 @@ class Upstreams:
         self.mark_up(server)
         return True
 
-    def probe_down(self, timeout: float) -> None:
-        """Probe each server marked down, one after the other."""
-        for server in self.servers:
-            if server.down:
-                self.probe(server, timeout)
 
+def probe_delay(interval: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds from one probe of a down server to the next: `interval` ± PROBE_JITTER, uniformly.
 
-def run_prober(upstream_groups: Callable[[], Iterable[Upstreams]], interval: Callable[[], float]) -> None:
-    """Forever: every interval() seconds, probe the down servers of every group at once (RFC 8767 §5).
-
-    Both are callables: a reload swaps the groups (--forward) and the interval (--failure-recheck).
+    rand: a number in [0, 1), random.random unless a test injects one.
     """
-    while True:
-        seconds = interval()
-        gevent.sleep(seconds)
-        probes = [
-            gevent.spawn(upstreams.probe_down, min(upstreams.try_timeout, seconds))
-            for upstreams in upstream_groups()
-            if any(server.down for server in upstreams.servers)
-        ]
-        gevent.joinall(probes)
+    return interval * (1.0 + PROBE_JITTER * (2.0 * rand() - 1.0))
+
+
+def run_prober(
+    upstream_groups: Callable[[], Iterable[Upstreams]],
+    interval: Callable[[], float],
+    rand: Callable[[], float] = random.random,
+    sleep: Callable[[float], None] = gevent.sleep,
+) -> None:
+    """Forever: probe each server marked down about every interval() seconds, one probe in flight per server.
+
+    Apart from RFC 8767's per-entry failure recheck (--failure-recheck): a probe is one cheap `. NS`
+    per server, not per name, so it can be frequent, and the first reply marks the server up (and
+    ends the outage, through Upstreams.on_up) within about one interval of kube-dns answering again.
+    Each down server gets its own loop, whose probe gives up when the next is due: so at most one is
+    in flight, and a probe lost in a silent outage (no ICMP, only timeouts) never delays the next.
+    Both are callables: a reload swaps the groups (--forward) and the interval (--down-probe-interval).
+    rand and sleep: the jitter's random numbers and the wait, injected by tests with a fake clock.
+    """
+    loops = gevent.pool.Group()
+    try:
+        while True:
+            for upstreams in upstream_groups():
+                for server in upstreams.servers:
+                    if server.down and not server.probing:
+                        server.probing = True
+                        loops.spawn(_probe_while_down, upstreams, server, upstream_groups, interval, rand, sleep)
+            sleep(probe_delay(interval(), rand))
+    finally:
+        loops.kill(block=False)
+
+
+def _probe_while_down(
+    upstreams: Upstreams,
+    server: Server,
+    upstream_groups: Callable[[], Iterable[Upstreams]],
+    interval: Callable[[], float],
+    rand: Callable[[], float],
+    sleep: Callable[[float], None],
+) -> None:
+    """Probe one server until it is up (or no longer configured), one probe every probe_delay()."""
+    try:
+        while server.down and any(server is s for group in upstream_groups() for s in group.servers):
+            delay = probe_delay(interval(), rand)
+            started = upstreams.timer()
+            if upstreams.probe(server, min(upstreams.try_timeout, delay)):
+                return
+            sleep(max(0.0, started + delay - upstreams.timer()))
+    finally:
+        server.probing = False

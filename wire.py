@@ -265,6 +265,11 @@ def key_question(key: bytes) -> tuple[int, int]:
     return qtype, qclass
 
 
+def key_question_wire(key: bytes) -> bytes:
+    """The question of a cache key (qname lower-cased, qtype, qclass) in wire form: what a refresh asks."""
+    return key[:-1]
+
+
 def key_flags(key: bytes) -> tuple[bool, bool]:
     """(DO, CD) of a cache key."""
     return bool(key[-1] & KEY_DO), bool(key[-1] & KEY_CD)

@@ -4,10 +4,10 @@ Topology (a node as Kubernetes builds it), only 169.254.0.0/16 addresses, in nam
 
   [pod] p0 169.254.100.2 --veth-- n0 169.254.100.1 [node] n1 169.254.101.1 --veth-- u0 [up]
   resolv.conf -> 169.254.96.10                     rules, proxy         169.254.101.2 kube-dns pod
-                                                                        169.254.101.3 kube-dns-upstream
+                                                                        169.254.101.3 kube-dns-proxy-upstream
 
 169.254.96.10 stands in for the kube-dns ClusterIP (10.96.0.10), 169.254.96.11 for the
-kube-dns-upstream ClusterIP; a KUBE-SERVICES chain in the node's nat table stands in for
+kube-dns-proxy-upstream ClusterIP; a KUBE-SERVICES chain in the node's nat table stands in for
 kube-proxy.  Answers identify who answered: 169.254.0.1 = kube-dns reached through kube-proxy
 (the fallback), 169.254.0.2 = the node-local stand-in responder, 169.254.0.3 = the upstream
 Service reached by the proxy.
@@ -39,6 +39,7 @@ import dnslib
 import pytest
 import structlog
 
+import handover
 import netsetup
 import watchdog
 import wire
@@ -845,20 +846,20 @@ class TestWatchdogProbe:
 
     def test_answering_server_is_alive(self, answering: _UdpServer) -> None:
         """Any reply with our ID counts as alive, NXDOMAIN included."""
-        assert watchdog.probe(answering.address, "x.invalid.", 0.5) is True
+        assert watchdog.probe(answering.address, "x.invalid.", 0.5) is watchdog.Outcome.ANSWERED
 
     def test_closed_port_is_dead_at_once(self, closed_port: tuple[str, int]) -> None:
-        """A closed port fails on the ICMP error, well before the timeout."""
+        """A closed port is refused on the ICMP error, well before the timeout."""
         started = time.monotonic()
-        alive = watchdog.probe(closed_port, "x.invalid.", 2.0)
-        assert (alive, time.monotonic() - started < 1.0) == (False, True)
+        outcome = watchdog.probe(closed_port, "x.invalid.", 2.0)
+        assert (outcome, time.monotonic() - started < 1.0) == (watchdog.Outcome.REFUSED, True)
 
     @pytest.mark.e2e  # a loopback UDP server
     def test_silent_server_is_dead_after_timeout(self) -> None:
         """A server that never answers fails after the timeout."""
         server = _UdpServer(lambda data: None)
         try:
-            assert watchdog.probe(server.address, "x.invalid.", 0.2) is False
+            assert watchdog.probe(server.address, "x.invalid.", 0.2) is watchdog.Outcome.TIMEOUT
         finally:
             server.close()
 
@@ -873,7 +874,7 @@ class TestWatchdogProbe:
 
         server = _UdpServer(wrong_id)
         try:
-            assert watchdog.probe(server.address, "x.invalid.", 0.2) is False
+            assert watchdog.probe(server.address, "x.invalid.", 0.2) is watchdog.Outcome.TIMEOUT
         finally:
             server.close()
 
@@ -881,8 +882,14 @@ class TestWatchdogProbe:
 class TestWatchdogLoop:
     """The watchdog's arm / probe / tear down cycle."""
 
+    @pytest.fixture(autouse=True)
+    def _registry(self, tmp_path: Path) -> None:
+        # An empty registry (no proxy registered there): every silent proxy counts as dead.
+        self.registry = handover.InstanceRegistry(str(tmp_path), structlog.get_logger())
+
     def make(self, interceptor: _RecordingInterceptor, address: tuple[str, int]) -> Any:
-        return watchdog.Watchdog(interceptor, address, structlog.get_logger(), failures=2, timeout=0.2)
+        log = structlog.get_logger()
+        return watchdog.Watchdog(interceptor, self.registry, address, log, failures=2, timeout=0.2)
 
     def test_stays_disarmed_without_rules(self, closed_port: tuple[str, int]) -> None:
         """Without the proxy's rules the watchdog neither probes nor tears down."""
@@ -931,8 +938,8 @@ class TestWatchdogLoop:
 # -- watchdog: kill -9 in the lab -------------------------------------------------------------
 
 
-def start_watchdog(lab: Lab, probe: str) -> Any:
-    """Start watchdog.py in the node namespace and wait until it is armed."""
+def start_watchdog(lab: Lab, probe: str, *extra: str) -> Any:
+    """Start watchdog.py in the node namespace, on the proxies' registry, and wait until it is armed."""
     argv = [
         sys.executable,
         str(ROOT / "watchdog.py"),
@@ -944,6 +951,9 @@ def start_watchdog(lab: Lab, probe: str) -> Any:
         "2",
         "--timeout",
         "0.3",
+        "--state-dir",
+        str(lab.workdir / "state"),  # start_proxy's
+        *extra,
     ]
     return lab.start(lab.node, "watchdog", argv, "watchdog_armed")
 

@@ -253,7 +253,7 @@ class TestInstanceRegistry:
         time.sleep(0.01)
         newer = registered(tmp_path)
         newer.set_state(handover.SERVING)
-        assert (older.newer_starting(), older.successor_serving()) == (False, True)
+        assert (older.newer_starting(), [peer.state for peer in older.peers()]) == (False, [handover.SERVING])
 
     def test_lock_excludes_a_second_holder(self, tmp_path: Path) -> None:
         """While one instance holds the node's lock another waits, and past its timeout logs instance_lock_timeout."""
