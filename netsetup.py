@@ -33,7 +33,10 @@ iptables backend: decided once, like kubernetes-sigs/iptables-wrappers and kube-
 kubelet (1.17+: ``KUBE-KUBELET-CANARY``, 1.24+: ``KUBE-IPTABLES-HINT``) leaves chains in the
 mangle table of the backend kube-proxy uses; ``iptables-nft-save -t mangle`` is read first, then
 ``iptables-legacy-save -t mangle``, and the first one holding such a chain gives the binary.
-With neither, the system's ``iptables`` (as installed: Debian's alternative) is used.  Rules of
+With neither, the system's ``iptables`` (as installed: Debian's alternative) is used.  A backend
+that is not installed, or whose mangle table does not exist, holds no hint; one that cannot be read
+(e.g. "Permission denied" without NET_RAW or NET_ADMIN) stops the detection with BackendError: a
+guess would put the rules where kube-proxy's filter table cannot see our ACCEPTs.  Rules of
 the wrong backend would still hook netfilter but break ordering against kube-proxy's rules and
 confuse other tools' backend detection (kubermatic/kubeone#1037).  A private nftables table was
 the alternative; iptables was chosen because the filter ACCEPT rules must live in the backend
@@ -87,6 +90,19 @@ Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 class InterceptError(Exception):
     """A network setup step failed or a spec is invalid; the message names the step."""
+
+
+class CommandNotFoundError(InterceptError):
+    """The program of an argv is not installed."""
+
+
+class BackendError(InterceptError):
+    """The iptables backend cannot be decided: ``command`` could not be read, ``reason`` says why."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        super().__init__(f"iptables backend unknown: {command}: {reason}")
+        self.command = command
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -270,20 +286,38 @@ def run_command(runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOU
         return runner(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise InterceptError(f"{shlex.join(argv)}: no result after {timeout} s") from None
+    except FileNotFoundError:
+        raise CommandNotFoundError(f"{argv[0]}: not installed") from None
     except OSError as exc:
         raise InterceptError(f"{shlex.join(argv)}: {exc.strerror or exc}") from None
 
 
 def detect_iptables(runner: Runner = subprocess.run) -> tuple[str, str]:
-    """Return (iptables binary, reason): the backend whose mangle table has the kubelet's hint."""
+    """Return (iptables binary, reason): the backend whose mangle table has the kubelet's hint.
+
+    Raises BackendError when a backend consulted before the decision cannot be read: without its
+    listing, which backend kube-proxy uses is a guess.
+    """
+    absent = []
     for binary in ("iptables-nft", "iptables-legacy"):
+        argv = [f"{binary}-save", "-t", "mangle"]
         try:
-            proc = run_command(runner, [f"{binary}-save", "-t", "mangle"])
-        except InterceptError:
+            proc = run_command(runner, argv)
+        except CommandNotFoundError:
+            absent.append(f"{binary} not installed")
             continue
-        if proc.returncode == 0 and any(chain in proc.stdout for chain in HINT_CHAINS):
+        except InterceptError as exc:
+            raise BackendError(shlex.join(argv), str(exc).removeprefix(f"{shlex.join(argv)}: ")) from None
+        if proc.returncode != 0:
+            error = proc.stderr.strip() or proc.stdout.strip() or "no message"
+            if "Table does not exist" in error:
+                # Legacy with no mangle table in this network namespace (module not loaded): unused.
+                absent.append(f"{binary}: no mangle table")
+                continue
+            raise BackendError(shlex.join(argv), f"exit code {proc.returncode}: {error}")
+        if any(chain in proc.stdout for chain in HINT_CHAINS):
             return binary, "kubelet hint chain in mangle table"
-    return "iptables", "no kubelet hint chain: system default"
+    return "iptables", "; ".join(["no kubelet hint chain: system default", *absent])
 
 
 class Interceptor:
@@ -304,6 +338,7 @@ class Interceptor:
         self._iptables = iptables
         self._device: str | None = None
         self._route_localnet_before: str | None = None
+        self._backend_error: str | None = None  # the last one logged: a failing detection logs once
 
     @property
     def route_localnet_before(self) -> str | None:
@@ -325,11 +360,26 @@ class Interceptor:
 
     @property
     def iptables(self) -> str:
-        """Return the iptables binary in use, detecting the backend on first use."""
+        """Return the iptables binary in use, detecting the backend on first use.
+
+        Raises BackendError (logged as ``iptables_backend_unreadable`` once per distinct error) and
+        detects again at the next use, so that a cause fixed later is noticed.
+        """
         if self._iptables is None:
-            self._iptables, reason = detect_iptables(self._runner)
-            self._log.info("iptables_backend", binary=self._iptables, reason=reason)
+            try:
+                binary, reason = detect_iptables(self._runner)
+            except BackendError as exc:
+                if str(exc) != self._backend_error:
+                    self._backend_error = str(exc)
+                    self._log.error("iptables_backend_unreadable", command=exc.command, reason=exc.reason)
+                raise
+            self._iptables, self._backend_error = binary, None
+            self._log.info("iptables_backend", binary=binary, reason=reason)
         return self._iptables
+
+    def detect_backend(self) -> str:
+        """Return the iptables binary, detecting it now if needed; raise BackendError if unreadable."""
+        return self.iptables
 
     def _ipt(self, table: str, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run([self.iptables, "-w", IPTABLES_WAIT, "-t", table, *args])
@@ -593,8 +643,12 @@ class Interceptor:
 
     def _remove_tagged_rules(self) -> tuple[int, list[str]]:
         removed = 0
-        errors = []
+        errors: list[str] = []
         flushed = set()
+        try:
+            self.detect_backend()  # once, not once per chain
+        except BackendError as exc:
+            return 0, [str(exc)]
         for table, chain in OUR_CHAINS:
             try:
                 tagged = self._tagged(table, chain)
@@ -649,12 +703,16 @@ class Interceptor:
         # while the address is still local; an address gone first would blackhole untracked
         # packets (kubernetes/dns commit 307d561).
         rules, rule_errors = self._remove_tagged_rules()
+        if rule_errors:
+            # Rules of ours may still divert: their addresses stay, so that the diverted queries
+            # still end on this node (answered, or refused at once) rather than routed off it.
+            return rules, 0, [*rule_errors, "addresses kept: rules may remain"]
         try:
             addresses, address_errors = self._remove_tagged_addresses()
         except InterceptError as exc:
             addresses, address_errors = 0, [str(exc)]
         self._device = None
-        return rules, addresses, rule_errors + address_errors
+        return rules, addresses, address_errors
 
     def remove_leftovers(self) -> None:
         """Remove every rule, address and interface carrying our tag; raise if one stays."""
