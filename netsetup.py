@@ -1,7 +1,8 @@
-"""Node network setup: interception addresses and iptables rules, their sync and teardown.
+"""Node network setup: interception addresses and iptables rules, their check, sync and teardown.
 
-The proxy owns the node's DNS interception: it adds it when it can answer, re-checks it every
-sync interval, and removes it on exit so that pods fall back to kube-dns through kube-proxy.
+The proxy owns the node's DNS interception: it adds it when it can answer, looks at it every second
+and restores what is missing (handover.NodeInterception.watch), and removes it on exit so that pods
+fall back to kube-dns through kube-proxy.
 
 Modes (``InterceptSpec.mode``):
 
@@ -42,6 +43,10 @@ confuse other tools' backend detection (kubermatic/kubeone#1037).  A private nft
 the alternative; iptables was chosen because the filter ACCEPT rules must live in the backend
 whose filter table may have a DROP policy, and because it needs no nft syntax per kernel.
 
+Checking: ``check()`` reads the live state with one ``ip addr`` and one listing per chain (nft) or
+per table (legacy), never one call per rule, and names what is missing; ``sync()`` restores it,
+``-C`` before ``-I``, the ACCEPT and reply rules before the diverting ones.
+
 Every command is an argv list run by an injectable runner (``subprocess.run`` by default; pass
 ``gevent.subprocess.run`` under gevent) with a timeout; iptables calls use ``-w 5`` so they
 serialise on /run/xtables.lock with kube-proxy and the kubelet (legacy backend).
@@ -59,7 +64,7 @@ import json
 import re
 import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,6 +280,29 @@ def _option(tokens: list[str], name: str) -> str | None:
     return None
 
 
+def _jump_above(listing: list[list[str]], ours: list[str]) -> bool:
+    """Tell whether kube-proxy's KUBE-SERVICES jump comes before our rule ``ours`` in a chain's listing."""
+    tag = _comment(ours)
+    for tokens in listing:
+        # Leniently ours (every token of ours, in any order): a listing that prints it differently
+        # must not make the sync move it (delete, insert) at every round.
+        if _comment(tokens) == tag and all(token in tokens for token in ours):
+            return False
+        if "-j" in tokens and tokens[tokens.index("-j") + 1 :][:1] == [KUBE_SERVICES_CHAIN]:
+            return True
+    return False
+
+
+def _addresses(links: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Map each IPv4 address of ``ip -j addr show``'s links to (device, label)."""
+    found = {}
+    for link in links:
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet":
+                found[info["local"]] = (link["ifname"], info.get("label", ""))
+    return found
+
+
 def address_label(device: str, tag: str) -> str:
     """Return the IPv4 address label that marks our addresses on ``device``."""
     return f"{device}:{tag}"[:IFNAMSIZ_MAX]
@@ -414,6 +442,32 @@ class Interceptor:
     def _tagged(self, table: str, chain: str) -> list[list[str]]:
         return [r for r in self._list_chain(table, chain) if _comment(r) == self.spec.tag]
 
+    def _read_chains(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], list[list[str]]]:
+        """List the rules of the chains ``keys``, the cheapest way for the backend.
+
+        Measured with 20,000 rules in filter: iptables-nft-save fetches the whole ruleset whatever
+        ``-t`` says (220 ms even for the empty raw table), while ``iptables-nft -S CHAIN`` fetches one
+        chain (4 ms).  Legacy copies a whole table out of the kernel for any read: ``-save -t TABLE``
+        does it once per table (2 ms for raw, 50 ms for that filter) and takes no xtables lock,
+        where each ``-S`` would copy the table again and wait behind kube-proxy's iptables-restore.
+        """
+        listed: dict[tuple[str, str], list[list[str]]] = {key: [] for key in keys}
+        if not self.iptables.endswith("-legacy"):
+            for key in sorted(keys):
+                listed[key] = self._list_chain(*key)
+            return listed
+        for table in sorted({table for table, _ in keys}):
+            argv = [f"{self.iptables}-save", "-t", table]
+            proc = self._run(argv)
+            if proc.returncode != 0:
+                raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+            for line in proc.stdout.splitlines():
+                if line.startswith("-A "):
+                    tokens = shlex.split(line)
+                    if (table, tokens[1]) in listed:
+                        listed[(table, tokens[1])].append(tokens)
+        return listed
+
     def _links(self) -> list[dict[str, Any]]:
         proc = self._run(["ip", "-j", "-d", "addr", "show"])
         if proc.returncode != 0:
@@ -422,21 +476,17 @@ class Interceptor:
 
     def _local_addresses(self) -> dict[str, tuple[str, str]]:
         """Map each IPv4 address on the host to (device, label)."""
-        found = {}
-        for link in self._links():
-            for info in link.get("addr_info", []):
-                if info.get("family") == "inet":
-                    found[info["local"]] = (link["ifname"], info.get("label", ""))
-        return found
+        return _addresses(self._links())
 
     # -- addresses --------------------------------------------------------------------------
 
-    def _choose_device(self) -> str:
+    def _choose_device(self, links: dict[str, dict[str, Any]]) -> str:
         """Return the interface for our /32s: our dummy if the kernel can, else lo."""
-        if self._device is not None:
+        if self._device is not None and self._device in links:
             return self._device
+        # First use, or our dummy interface was deleted (the watchdog's teardown deletes it).
+        self._device = None
         name = self.spec.interface
-        links = {link["ifname"]: link for link in self._links()}
         link = links.get(name)
         if link is not None:
             ipv4 = [a for a in link.get("addr_info", []) if a.get("family") == "inet"]
@@ -474,13 +524,22 @@ class Interceptor:
                 raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
 
     def _ensure_addresses(self) -> list[str]:
-        present = self._local_addresses()
+        links = {link["ifname"]: link for link in self._links()}
+        present = _addresses(links.values())
+        added = []
+        for device in sorted({present[ip][0] for ip in self.spec.wanted_addresses() if ip in present}):
+            if "UP" not in links[device].get("flags", []):
+                # Set down by someone: its addresses get no local route.
+                argv = ["ip", "link", "set", "dev", device, "up"]
+                proc = self._run(argv)
+                if proc.returncode != 0:
+                    raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+                added.append(f"interface {device} up")
         missing = [ip for ip in self.spec.wanted_addresses() if ip not in present]
         if not missing:
-            return []
-        device = self._choose_device()
+            return added
+        device = self._choose_device(links)
         label = address_label(device, self.spec.tag)
-        added = []
         for ip in missing:
             argv = ["ip", "addr", "add", f"{ip}/32", "dev", device, "label", label]
             proc = self._run(argv)
@@ -548,24 +607,16 @@ class Interceptor:
         if proc.returncode not in (0, 1):
             self._log.warning("conntrack_flush_failed", error=proc.stderr.strip())
 
-    def _kube_services_above(self, rule: Rule) -> bool:
-        """Tell whether kube-proxy's jump precedes our DNAT rule in its chain."""
-        ours = rule.args(self.spec.tag)
-        for tokens in self._list_chain(rule.table, rule.chain):
-            if "-j" in tokens and tokens[tokens.index("-j") + 1] == KUBE_SERVICES_CHAIN:
-                return True
-            if _comment(tokens) == self.spec.tag and all(t in tokens for t in ours):
-                return False
-        return False
-
     def _ensure_rules(self) -> list[str]:
         restored = self._ensure_route_localnet()
         for rule in self.spec.rules():
             if self._ensure_rule(rule):
                 restored.append(rule.describe())
         if self.spec.mode == "dnat":
-            for rule in self.spec.rules():
-                if self._kube_services_above(rule):
+            rules = self.spec.rules()
+            listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
+            for rule in rules:
+                if _jump_above(listed[(rule.table, rule.chain)], ["-A", rule.chain, *rule.args(self.spec.tag)]):
                     # kube-proxy re-inserted its jump above ours: move ours back on top.
                     self._delete_rule(rule.table, ["-A", rule.chain, *rule.args(self.spec.tag)])
                     self._insert(rule)
@@ -606,27 +657,45 @@ class Interceptor:
             self._log.info("intercept_restored", item=item)
         return restored
 
-    def rules_present(self) -> bool:
-        """Tell whether every rule and address of the mode is in place (for /ready)."""
+    def check(self) -> list[str]:
+        """Return what of the mode is missing on the node, empty when all is in place; cheap.
+
+        One ``ip addr`` and one listing per chain or table (see _read_chains) whatever the number of rules;
+        ``-C`` only for a rule the listing does not show, in case iptables prints it differently.
+        Raises InterceptError when the state cannot be read.
+        """
         if self.spec.mode == "none":
-            return True
+            return []
+        missing = []
+        links = self._links()
+        present = _addresses(links)
+        up = {link["ifname"] for link in links if "UP" in link.get("flags", [])}
+        for ip in self.spec.wanted_addresses():
+            if ip not in present:
+                missing.append(f"address {ip}/32")
+            elif present[ip][0] not in up:
+                missing.append(f"interface {present[ip][0]} up")
+        rules = self.spec.rules()
+        listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
+        for rule in rules:
+            line = ["-A", rule.chain, *rule.args(self.spec.tag)]
+            if line not in listed[(rule.table, rule.chain)] and not self._rule_exists(rule):
+                missing.append(rule.describe())
+            elif self.spec.mode == "dnat" and _jump_above(listed[(rule.table, rule.chain)], line):
+                missing.append(f"above {KUBE_SERVICES_CHAIN}: {rule.describe()}")
+        if self.spec.target_is_loopback:
+            proc = self._run(["sysctl", "-n", ROUTE_LOCALNET])
+            if proc.returncode != 0 or proc.stdout.strip() != "1":
+                missing.append(f"sysctl {ROUTE_LOCALNET}=1")
+        return missing
+
+    def rules_present(self) -> bool:
+        """Tell whether every rule and address of the mode is in place (check() found nothing missing)."""
         try:
-            present = self._local_addresses()
-            if any(ip not in present for ip in self.spec.wanted_addresses()):
-                return False
-            listed: dict[tuple[str, str], list[str]] = {}
-            for rule in self.spec.rules():
-                key = (rule.table, rule.chain)
-                if key not in listed:
-                    listed[key] = [shlex.join(t) for t in self._tagged(*key)]
-                line = shlex.join(["-A", rule.chain, *rule.args(self.spec.tag)])
-                # The listing is iptables' canonical form; -C settles any formatting drift.
-                if line not in listed[key] and not self._rule_exists(rule):
-                    return False
+            return not self.check()
         except InterceptError as exc:
             self._log.warning("intercept_check_failed", error=str(exc))
             return False
-        return True
 
     def has_tagged_rules(self) -> bool:
         """Tell whether any diverting rule with our tag is installed (cheap: two listings)."""

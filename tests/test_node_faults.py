@@ -4,6 +4,8 @@ went missing.  netsetup is driven here with a fake runner that answers each prog
 
 from __future__ import annotations
 
+import json
+import shlex
 import subprocess
 from typing import Any
 
@@ -13,6 +15,7 @@ import netsetup
 from test_netsetup import (
     CLUSTER_IP,
     LINK_LOCAL,
+    TAG,
 )
 
 # -- A1: backend detection with a fake runner (unit) -------------------------------------------
@@ -156,3 +159,83 @@ class TestUnreadableBackend:
             interceptor.detect_backend()
         node.programs["iptables-legacy-save"] = HINT
         assert interceptor.detect_backend() == "iptables-legacy"
+
+
+def _links(*addresses: str, flags: tuple[str, ...] = ("LOOPBACK", "UP", "LOWER_UP")) -> str:
+    info = [{"family": "inet", "local": ip, "prefixlen": 32, "label": "lo:kube-dns-pro"} for ip in addresses]
+    return json.dumps([{"ifname": "lo", "flags": list(flags), "addr_info": info}])
+
+
+class ListingNode(FakeNode):
+    """A fake node: ``*-save -t TABLE`` and ``iptables* -S CHAIN`` list ``rules`` (kube-proxy's jump first
+    in nat when ``jump_first``), ``-C`` finds nothing, ``ip -j -d addr show`` prints ``links``."""
+
+    def __init__(self, rules: list[netsetup.Rule], links: str, *, jump_first: bool = False) -> None:
+        super().__init__({"ip": links})
+        self.rules = rules
+        self.jump_first = jump_first
+
+    def listing(self, table: str, chain: str | None = None) -> str:
+        lines = [f"-A {chain} -j KUBE-SERVICES"] if self.jump_first and table == "nat" else []
+        for rule in self.rules:
+            if rule.table == table and chain in (None, rule.chain):
+                lines.append(shlex.join(["-A", rule.chain, *rule.args(TAG)]))
+        return "\n".join([f"*{table}", *lines, "COMMIT", ""])
+
+    def __call__(self, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        if argv[0].startswith("iptables"):
+            self.calls.append(argv)
+            if argv[0].endswith("-save"):
+                return subprocess.CompletedProcess(argv, 0, self.listing(argv[2]), "")
+            if "-S" in argv:
+                return subprocess.CompletedProcess(argv, 0, self.listing(argv[argv.index("-t") + 1], argv[-1]), "")
+            return subprocess.CompletedProcess(argv, 1, "", "")  # -C: no such rule
+        return super().__call__(argv, **kwargs)
+
+
+def _checker(mode: str, node: ListingNode, iptables: str = "iptables-nft") -> netsetup.Interceptor:
+    spec = netsetup.InterceptSpec(mode=mode, local_ips=(LINK_LOCAL, CLUSTER_IP))
+    return netsetup.Interceptor(spec, _Log(), runner=node, iptables=iptables)
+
+
+class TestCheck:
+    """Interceptor.check: one listing per chain (nft) or table (legacy) and one of the addresses, never one per rule."""
+
+    def rules(self, mode: str) -> list[netsetup.Rule]:
+        return netsetup.InterceptSpec(mode=mode, local_ips=(LINK_LOCAL, CLUSTER_IP)).rules()
+
+    @pytest.mark.parametrize(
+        ("iptables", "reads"),
+        [
+            (
+                "iptables-nft",
+                [["-t", "filter", "-S", "INPUT"], ["-t", "filter", "-S", "OUTPUT"]]
+                + [["-t", "raw", "-S", "OUTPUT"], ["-t", "raw", "-S", "PREROUTING"]],
+            ),
+            ("iptables-legacy", [["iptables-legacy-save", "-t", "filter"], ["iptables-legacy-save", "-t", "raw"]]),
+        ],
+    )
+    def test_in_place_costs_one_read_per_chain_or_table(self, iptables: str, reads: list[list[str]]) -> None:
+        """All in place: nothing missing, after one ip addr and one read per chain (nft) or per table (legacy)."""
+        node = ListingNode(self.rules("nodelocal"), _links(LINK_LOCAL, CLUSTER_IP))
+        missing = _checker("nodelocal", node, iptables).check()
+        assert (missing, node.calls[0][:3], [argv[-4:] if "-S" in argv else argv for argv in node.calls[1:]]) == (
+            [],
+            ["ip", "-j", "-d"],
+            reads,
+        )
+
+    def test_missing_rule_address_and_down_interface_named(self) -> None:
+        """A rule absent from the listing (and from -C), an absent address and a down interface are each named."""
+        rules = self.rules("nodelocal")
+        node = ListingNode(rules[:-1], _links(LINK_LOCAL, flags=("LOOPBACK",)))
+        assert _checker("nodelocal", node).check() == [
+            "interface lo up",
+            f"address {CLUSTER_IP}/32",
+            rules[-1].describe(),
+        ]
+
+    def test_dnat_rule_below_kube_services_named(self) -> None:
+        """In dnat mode a KUBE-SERVICES jump above our DNAT counts as missing: kube-proxy's would win."""
+        node = ListingNode(self.rules("dnat"), _links(LINK_LOCAL), jump_first=True)
+        assert len([item for item in _checker("dnat", node).check() if item.startswith("above KUBE-SERVICES")]) == 4
