@@ -1,4 +1,9 @@
-"""The operator's HTTP interface: /health (liveness) and /ready (readiness) for the kubelet's probes."""
+"""The operator's HTTP interface: /health (liveness) and /ready (readiness) for the kubelet's probes.
+
+Nothing here looks up a name: gevent's WSGIServer would fill SERVER_NAME with socket.getfqdn() of
+the listen address when it starts (a reverse lookup through the node's resolver, which may be the
+very DNS that is down); it is given the literal address instead.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +70,14 @@ class HttpApi:
             "/ready": self._ready,
             "/readyz": self._ready,
         }
-        self.server = _SharedPortWSGIServer((endpoint.host, endpoint.port), self._app, log=None, error_log=None)
+        self.server = _SharedPortWSGIServer(
+            (endpoint.host, endpoint.port),
+            self._app,
+            log=None,
+            error_log=None,
+            # Set, so that WSGIServer.update_environ never calls socket.getfqdn() on the address.
+            environ={"SERVER_NAME": endpoint.host, "SERVER_PORT": str(endpoint.port)},
+        )
 
     def add_route(self, path: str, handler: Callable[[dict], tuple[str, str, bytes]]) -> None:
         """Later features (metrics, cache control) add their pages here."""

@@ -1,12 +1,25 @@
-"""Node faults around the interception: an iptables backend the container cannot read, rules that
-went missing.  netsetup is driven here with a fake runner that answers each program from a table.
+"""Node faults around the interception, in the network-namespace lab of test_netsetup.py.
+
+What an operator meets on a real node: an iptables backend the container cannot read, a rule or an
+address removed by someone else (another agent, the watchdog's teardown), a resolver that never
+answers.  Each test starts the real ``proxy.py --intercept nodelocal`` in the lab's node namespace
+and watches /health and /ready from inside that namespace with the poller below.
+
+Run as a script (``poll HOST PORT SECONDS``), this file is that poller: it asks /health and /ready
+every 20 ms and prints one JSON line per round with the monotonic time (the clock is shared by every
+process of the machine, so the test compares it with its own).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import shlex
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +27,105 @@ import pytest
 import netsetup
 from test_netsetup import (
     CLUSTER_IP,
+    HEALTH_PORT,
     LINK_LOCAL,
     TAG,
+    Lab,
+    proxy_argv,
+    wait_for,
 )
+
+THIS = Path(__file__).resolve()
+POLL_INTERVAL = 0.02
+SILENT_NAMESERVER = "169.254.96.53"  # routed to the kube-dns side, where nothing owns it: never answers
+START_GOAL = 1.0  # seconds from the proxy's start to "serving" and /health 200
+DRIFT_GOAL = 2.0  # seconds to notice (/ready 503) and to repair a removed rule or address
+
+
+# -- the script side: the /health and /ready poller --------------------------------------------
+
+
+def get(host: str, port: int, path: str) -> tuple[int | str, str]:
+    """One GET with a 0.3 s timeout: (status, body) or ("error:Type", "")."""
+    connection = http.client.HTTPConnection(host, port, timeout=0.3)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace").strip()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"error:{type(exc).__name__}", ""
+    finally:
+        connection.close()
+
+
+def poll(host: str, port: int, duration: float) -> None:
+    """Print {"t", "health", "ready", "reason"} every POLL_INTERVAL for ``duration`` seconds."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        health, _ = get(host, port, "/health")
+        ready, reason = get(host, port, "/ready")
+        print(json.dumps({"t": started, "health": health, "ready": ready, "reason": reason}), flush=True)
+        time.sleep(max(0.0, started + POLL_INTERVAL - time.monotonic()))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A fresh pod/node/upstream lab, deleted afterwards even on failure."""
+    the_lab = Lab(tmp_path)
+    try:
+        the_lab.setup()
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+def start_poller(lab: Lab, host: str = LINK_LOCAL, seconds: float = 40.0) -> Any:
+    """Start the poller in the node namespace against the proxy's --http port on ``host``."""
+    return lab.start(lab.node, "poller", [sys.executable, str(THIS), "poll", host, str(HEALTH_PORT), str(seconds)])
+
+
+def rounds(poller: Any) -> list[dict[str, Any]]:
+    """The poller's rounds so far."""
+    lines = poller.log_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def first(poller: Any, after: float, timeout: float, what: str, **wanted: Any) -> dict[str, Any]:
+    """Wait for the first round started after ``after`` whose fields equal ``wanted``; return it."""
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        found[:] = [r for r in rounds(poller) if r["t"] > after and all(r[k] == v for k, v in wanted.items())]
+        return bool(found)
+
+    wait_for(seen, timeout, what)
+    return found[0]
+
+
+def events(proc: Any) -> list[dict[str, Any]]:
+    """The JSON log lines a process wrote so far."""
+    lines = proc.log_path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def start_proxy(lab: Lab, *, env: dict[str, str] | None = None, on_node_address: bool = False) -> Any:
+    """Start proxy.py --intercept nodelocal in the node namespace, state in the lab's directory.
+
+    on_node_address: --http on 0.0.0.0 (as the DaemonSet has it) rather than the link-local address,
+    so that /ready stays reachable while the interception addresses are gone; and the default
+    --sync-interval (60 s), so that only the one-second look can repair anything.
+    """
+    argv = [*proxy_argv("nodelocal"), "--state-dir", str(lab.workdir / "state")]
+    if on_node_address:
+        argv += ["--http", f"0.0.0.0:{HEALTH_PORT}", "--sync-interval", "60"]
+    if env:
+        argv = ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
+    return lab.start(lab.node, "proxy", argv)
+
 
 # -- A1: backend detection with a fake runner (unit) -------------------------------------------
 
@@ -239,3 +348,73 @@ class TestCheck:
         """In dnat mode a KUBE-SERVICES jump above our DNAT counts as missing: kube-proxy's would win."""
         node = ListingNode(self.rules("dnat"), _links(LINK_LOCAL), jump_first=True)
         assert len([item for item in _checker("dnat", node).check() if item.startswith("above KUBE-SERVICES")]) == 4
+
+
+# -- C in-process: the HTTP server --------------------------------------------------------------
+
+
+@pytest.mark.e2e  # sockets on loopback, served by gevent in this process
+class TestLivenessAndHttp:
+    """The HTTP server starts without a name lookup."""
+
+    def test_http_start_looks_up_no_name(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Starting the HTTP server never calls getfqdn (gevent's default SERVER_NAME is a reverse lookup)."""
+        import gevent.socket
+
+        import httpapi
+        from config import Endpoint
+
+        def no_lookup(name: str = "") -> str:
+            raise AssertionError(f"getfqdn({name!r}) called")
+
+        monkeypatch.setattr(gevent.socket, "getfqdn", no_lookup)
+        api = httpapi.HttpApi(Endpoint("127.0.0.1", 0), lambda: True, lambda: (True, "ready"), _Log())
+        api.start()
+        try:
+            assert api.server.environ["SERVER_NAME"] == "127.0.0.1"
+        finally:
+            api.stop()
+
+
+# -- C: nothing at start needs DNS -------------------------------------------------------------
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+class TestStartWithoutDns:
+    """The proxy's start and its HTTP server never wait for a name lookup."""
+
+    def test_serving_and_healthy_within_a_second_with_a_silent_resolver(
+        self, lab: Lab, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """With a nameserver that never answers, "serving" and /health 200 come within 1 s of the start.
+
+        ``ip netns exec`` runs every command of the node in a new mount namespace with
+        /etc/netns/NODE/resolv.conf bind-mounted on /etc/resolv.conf (ip-netns(8)): that file names a
+        link-local nameserver routed into the lab where nothing answers, so nothing leaves the machine.
+        A reverse lookup there is checked to hang first, so the test cannot pass by accident.
+        """
+        resolv = Path("/etc/netns") / lab.node / "resolv.conf"
+        resolv.write_text(f"nameserver {SILENT_NAMESERVER}\noptions timeout:2 attempts:1\n")
+        before = time.monotonic()
+        lab.sh(lab.node, "getent", "hosts", LINK_LOCAL, check=False)
+        lookup_seconds = time.monotonic() - before
+        poller = start_poller(lab)
+        started = time.monotonic()
+        proxy = start_proxy(lab)
+        healthy = first(poller, started, 15, "/health answers 200", health=200)
+        wait_for(lambda: any(e.get("event") == "serving" for e in events(proxy)), 15, "the proxy logs serving")
+        serving = next(e for e in events(proxy) if e.get("event") == "serving")
+        to_health = healthy["t"] - started
+        with capsys.disabled():
+            print(
+                f"\n[silent resolver] reverse lookup took {lookup_seconds:.2f} s; proxy start -> /health 200: "
+                f"{to_health:.3f} s (serving logged at {serving['timestamp']})"
+            )
+        assert (lookup_seconds > 1.5, to_health < START_GOAL) == (True, True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] != "poll":
+        raise SystemExit(f"unknown command {sys.argv[1]!r}: poll")
+    poll(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
