@@ -58,10 +58,15 @@ class HttpApi:
     """A small WSGI app on its own address; routes are looked up in one table."""
 
     def __init__(
-        self, endpoint: Endpoint, dns_endpoint: Endpoint, is_ready: Callable[[], tuple[bool, str]], log: Any
+        self,
+        endpoint: Endpoint,
+        is_alive: Callable[[], bool],
+        is_ready: Callable[[], tuple[bool, str]],
+        log: Any,
     ) -> None:
+        """is_alive answers /health (the DNS loop answers), is_ready /ready (ready, and why not)."""
         self.endpoint = endpoint
-        self.dns_endpoint = dns_endpoint
+        self.is_alive = is_alive
         self.is_ready = is_ready
         self.log = log
         self.routes: dict[str, Callable[[dict], tuple[str, str, bytes]]] = {
@@ -104,7 +109,7 @@ class HttpApi:
         return [body]
 
     def _health(self, environ: dict) -> tuple[str, str, bytes]:
-        if dns_loop_answers(self.dns_endpoint):
+        if self.is_alive():
             return "200 OK", "text/plain", b"ok\n"
         return "503 Service Unavailable", "text/plain", b"dns loop not answering\n"
 

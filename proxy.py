@@ -27,13 +27,13 @@ from configfile import ConfigReloader
 from control import CacheControl, loopback_only
 from control import cli as control_cli
 from handover import InstanceRegistry, NodeInterception, detach_udp, other_sockets, wait_until_read
-from httpapi import HttpApi
+from httpapi import HttpApi, dns_loop_answers
 from logs import configure_logging
 from metrics import ProxyCollector, Stats, make_registry
 from netsetup import InterceptError, Interceptor, InterceptSpec
 from persist import CachePersister
 from resolver import Resolver, TaskLimit
-from server import AccessList, DnsTcpServer, DnsUdpServer, QueryHandler, bind_sockets
+from server import AccessList, DnsTcpServer, DnsUdpServer, QueryHandler, bind_loopback_udp, bind_sockets
 from upstream import Upstreams, run_prober
 
 
@@ -58,6 +58,10 @@ class Proxy:
         self.pool = TaskLimit(config.max_concurrent, self.resolver.errors)
         self.handler = QueryHandler(self.resolver, self.pool, log, config.log_queries, AccessList(config.allow))
         self.servers: list[DatagramServer | StreamServer] = []
+        # /health asks this one: 127.0.0.1, a port of the kernel's choosing, same server code as the
+        # listen addresses, none of which may be reachable (a watchdog teardown removes them).
+        self.health_server: DnsUdpServer | None = None
+        self.health_endpoint: Endpoint | None = None
         self.background: list[gevent.Greenlet] = []
         self.serving = False
         self.persister: CachePersister | None = None
@@ -78,7 +82,7 @@ class Proxy:
             self.node = NodeInterception(interceptor, InstanceRegistry(config.state_dir, log), log)
         self.http: HttpApi | None = None
         if config.http is not None:
-            self.http = HttpApi(config.http, config.listen[0], self.readiness, log)
+            self.http = HttpApi(config.http, self.liveness, self.readiness, log)
             registry = make_registry(ProxyCollector(self.stats, self.cache, self.upstream_groups, self.persister))
             self.http.add_route("/metrics", lambda environ: ("200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)))
             control = CacheControl(self.cache, time.monotonic, log)
@@ -106,7 +110,10 @@ class Proxy:
             if shared:
                 # Expected during a takeover; otherwise a second proxy of ours runs by mistake.
                 self.log.info("listen_address_shared", address=str(bound), other_sockets=shared)
-        for server in self.servers:
+        health = bind_loopback_udp()
+        self.health_endpoint = Endpoint("127.0.0.1", health.getsockname()[1])
+        self.health_server = DnsUdpServer(health, self.handler)
+        for server in [*self.servers, self.health_server]:
             server.start()
         resolver = self.resolver
         self.background.append(
@@ -139,6 +146,10 @@ class Proxy:
         if config.allow != self.config.allow:
             self.handler.access = AccessList(config.allow)
         self.config = config
+
+    def liveness(self) -> bool:
+        """Whether the event loop and the query path answer: a query to our loopback health socket."""
+        return self.health_endpoint is not None and dns_loop_answers(self.health_endpoint)
 
     def readiness(self) -> tuple[bool, str]:
         """Ready once the cache is loaded, the sockets serve and interception (if any) is in place."""
@@ -228,6 +239,8 @@ class Proxy:
         gevent.killall(self.background, block=True, timeout=1)
         for server in self.servers:
             server.close()
+        if self.health_server is not None:
+            self.health_server.close()
         if self.persister is not None:
             self.persister.stop()  # the final snapshot, once no query can change the cache any more
         if self.http is not None and not handed_over:

@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 
 import netsetup
+from servers import free_port
 from test_netsetup import (
     CLUSTER_IP,
     HEALTH_PORT,
@@ -350,12 +352,34 @@ class TestCheck:
         assert len([item for item in _checker("dnat", node).check() if item.startswith("above KUBE-SERVICES")]) == 4
 
 
-# -- C in-process: the HTTP server --------------------------------------------------------------
+# -- B and C in-process: liveness and the HTTP server ------------------------------------------
 
 
 @pytest.mark.e2e  # sockets on loopback, served by gevent in this process
 class TestLivenessAndHttp:
-    """The HTTP server starts without a name lookup."""
+    """/health asks a loopback socket of its own; the HTTP server starts without a name lookup."""
+
+    def make_proxy(self) -> Any:
+        import config
+        import proxy
+
+        argv = ["--listen", f"127.0.0.1:{free_port()}", "--upstream", f"127.0.0.1:{free_port()}"]
+        return proxy.Proxy(config.build_config(argv, environ={}), _Log())
+
+    def test_liveness_needs_no_listen_address_and_fails_when_not_served(self) -> None:
+        """The check answers with every listen socket closed, and fails once the health socket is not read."""
+        the_proxy = self.make_proxy()
+        the_proxy.start()
+        try:
+            for server in the_proxy.servers:
+                server.close()  # as if the listen addresses were gone
+            without_listen = the_proxy.liveness()
+            the_proxy.health_server.stop_accepting()  # the DNS loop no longer reads it
+            unserved = the_proxy.liveness()
+        finally:
+            gevent.killall(the_proxy.background)
+            the_proxy.health_server.close()
+        assert (without_listen, unserved) == (True, False)
 
     def test_http_start_looks_up_no_name(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Starting the HTTP server never calls getfqdn (gevent's default SERVER_NAME is a reverse lookup)."""
