@@ -17,6 +17,8 @@ from gevent.pywsgi import WSGIServer
 import wire
 from config import Endpoint
 
+IP_FREEBIND = 15  # linux/in.h; not exported by Python 3.11's socket module
+
 
 def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
     """Ask our own DNS socket a question it answers without the upstream; any matching reply is alive."""
@@ -37,21 +39,34 @@ def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
 
 
 class _SharedPortWSGIServer(WSGIServer):
-    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port."""
+    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port.
 
-    @classmethod
-    def get_listener(cls, address, backlog=None, family=None):
-        sock = socket.socket(family or socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(backlog or cls.backlog or 128)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+    With ``freebind`` (IP_FREEBIND) it binds an address the node does not have yet: an interception
+    address, put on the node only once the install succeeds.
+    """
+
+    freebind = False
+
+    def init_socket(self) -> None:
+        if not hasattr(self, "socket"):
+            self.socket = _shared_listener(self.address, self.family, self.freebind, self.backlog or 128)
+        super().init_socket()
+
+
+def _shared_listener(address: tuple[str, int], family: int, freebind: bool, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if freebind and family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class HttpApi:
@@ -63,6 +78,8 @@ class HttpApi:
         is_alive: Callable[[], bool],
         is_ready: Callable[[], tuple[bool, str]],
         log: Any,
+        *,
+        freebind: bool = False,
     ) -> None:
         """is_alive answers /health (the DNS loop answers), is_ready /ready (ready, and why not)."""
         self.endpoint = endpoint
@@ -83,6 +100,7 @@ class HttpApi:
             # Set, so that WSGIServer.update_environ never calls socket.getfqdn() on the address.
             environ={"SERVER_NAME": endpoint.host, "SERVER_PORT": str(endpoint.port)},
         )
+        self.server.freebind = freebind
 
     def add_route(self, path: str, handler: Callable[[dict], tuple[str, str, bytes]]) -> None:
         """Later features (metrics, cache control) add their pages here."""

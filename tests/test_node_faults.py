@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,15 +28,19 @@ from typing import Any
 import gevent
 import pytest
 
+import handover
 import netsetup
 from servers import free_port
 from test_netsetup import (
+    ANSWER_KUBE_DNS,
+    ANSWER_VIA_PROXY,
     CLUSTER_IP,
     HEALTH_PORT,
     LINK_LOCAL,
     TAG,
     Lab,
     proxy_argv,
+    start_watchdog,
     wait_for,
 )
 
@@ -114,16 +121,18 @@ def events(proc: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-def start_proxy(lab: Lab, *, env: dict[str, str] | None = None, on_node_address: bool = False) -> Any:
+def start_proxy(
+    lab: Lab, *, env: dict[str, str] | None = None, on_node_address: bool = False, sync_interval: float = 60
+) -> Any:
     """Start proxy.py --intercept nodelocal in the node namespace, state in the lab's directory.
 
     on_node_address: --http on 0.0.0.0 (as the DaemonSet has it) rather than the link-local address,
-    so that /ready stays reachable while the interception addresses are gone; and the default
-    --sync-interval (60 s), so that only the one-second look can repair anything.
+    so that /ready stays reachable while the interception addresses are gone; and --sync-interval
+    (default 60 s, so that only the one-second look can repair anything).
     """
     argv = [*proxy_argv("nodelocal"), "--state-dir", str(lab.workdir / "state")]
     if on_node_address:
-        argv += ["--http", f"0.0.0.0:{HEALTH_PORT}", "--sync-interval", "60"]
+        argv += ["--http", f"0.0.0.0:{HEALTH_PORT}", "--sync-interval", str(sync_interval)]
     if env:
         argv = ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
     return lab.start(lab.node, "proxy", argv)
@@ -271,6 +280,57 @@ class TestUnreadableBackend:
         node.programs["iptables-legacy-save"] = HINT
         assert interceptor.detect_backend() == "iptables-legacy"
 
+    def test_install_touches_nothing_and_reports(self, tmp_path: Path) -> None:
+        """With an unreadable backend install() adds no address nor rule, says "failed", and /ready gets why."""
+        node = FakeNode(
+            {"iptables-nft-save": NO_HINT, "iptables-legacy-save": PERMISSION_DENIED["iptables-legacy-save"]}
+        )
+        log = _Log()
+        registry = handover.InstanceRegistry(str(tmp_path), log)
+        node_interception = handover.NodeInterception(_interceptor(node, log), registry, log)
+        node_interception.claim()
+        called_then = []
+        installed = node_interception.install(then=lambda: called_then.append(True))
+        changes = [argv for argv in node.calls if argv[0] == "ip" and argv[1:3] != ["-j", "-d"]]
+        changes += [argv for argv in node.calls if "-I" in argv or "-D" in argv]
+        status = node_interception.status()
+        assert (installed, called_then, changes, registry.state) == (False, [True], [], handover.FAILED)
+        assert status.in_place is False
+        assert "iptables-legacy-save -t mangle" in status.reason and "Permission denied" in status.reason
+        assert "intercept_failed" in log.events("error")
+
+    def test_next_install_succeeds_once_readable(self, tmp_path: Path) -> None:
+        """After a failed install, the next attempt (every --sync-interval) installs once the backend reads."""
+        node = FakeNode(
+            {"iptables-nft-save": NO_HINT, "iptables-legacy-save": PERMISSION_DENIED["iptables-legacy-save"]}
+        )
+        log = _Log()
+        registry = handover.InstanceRegistry(str(tmp_path), log)
+        node_interception = handover.NodeInterception(_interceptor(node, log), registry, log)
+        node_interception.claim()
+        failed = node_interception.install()
+        node.programs["iptables-legacy-save"] = HINT
+        installed = node_interception.install()
+        assert (failed, installed, registry.state, node_interception.status().in_place) == (
+            False,
+            True,
+            handover.SERVING,
+            True,
+        )
+
+    def test_failed_instance_holds_nothing_for_its_peers(self, tmp_path: Path) -> None:
+        """A failed instance is neither waited for as a starter nor counted as a holder of the interception."""
+        older = handover.InstanceRegistry(str(tmp_path), _Log())
+        with older.locked():
+            older.register()
+        older.set_state(handover.SERVING)
+        time.sleep(0.01)
+        failed = handover.InstanceRegistry(str(tmp_path), _Log())
+        with failed.locked():
+            failed.register()
+        failed.set_state(handover.FAILED)
+        assert (older.newer_starting(), older.holders(), len(older.peers())) == (False, [], 1)
+
 
 def _links(*addresses: str, flags: tuple[str, ...] = ("LOOPBACK", "UP", "LOWER_UP")) -> str:
     info = [{"family": "inet", "local": ip, "prefixlen": 32, "label": "lo:kube-dns-pro"} for ip in addresses]
@@ -350,6 +410,146 @@ class TestCheck:
         """In dnat mode a KUBE-SERVICES jump above our DNAT counts as missing: kube-proxy's would win."""
         node = ListingNode(self.rules("dnat"), _links(LINK_LOCAL), jump_first=True)
         assert len([item for item in _checker("dnat", node).check() if item.startswith("above KUBE-SERVICES")]) == 4
+
+
+# -- A: on a node ----------------------------------------------------------------------------
+
+
+def logged(proc: Any, event: str) -> list[dict[str, Any]]:
+    """The lines of ``proc``'s log with this event."""
+    return [e for e in events(proc) if e.get("event") == event]
+
+
+def diverting_rule(ip: str) -> netsetup.Rule:
+    """The raw PREROUTING NOTRACK rule that sends pods' UDP queries for ``ip`` to the proxy."""
+    spec = netsetup.InterceptSpec(mode="nodelocal", local_ips=(LINK_LOCAL, CLUSTER_IP))
+    return next(
+        rule
+        for rule in spec.rules()
+        if (rule.table, rule.chain) == ("raw", "PREROUTING") and f"{ip}/32" in rule.match and "udp" in rule.match
+    )
+
+
+def in_place(lab: Lab) -> bool:
+    """Every rule (20: no health port on a local IP) and both addresses of the proxy are on the node."""
+    tagged = lab.tagged()
+    addresses = {ip for ip in (LINK_LOCAL, CLUSTER_IP) if any(item.startswith(f"address {ip} ") for item in tagged)}
+    return lab.count_rules() == 20 and len(addresses) == 2
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(90)
+class TestInterceptionOnNode:
+    """The real proxy in the lab: a backend it cannot read, and drift it repairs."""
+
+    def test_unreadable_legacy_backend_not_ready_and_nothing_installed(self, lab: Lab, tmp_path: Path) -> None:
+        """kube-proxy on legacy, legacy unreadable: one error naming the command, /ready 503 with it, nothing installed.
+
+        "Unreadable" is simulated by a PATH shim named iptables-legacy-save that prints what iptables
+        prints without NET_RAW ("Permission denied (you must be root)") and exits 1.  The proxy keeps
+        running (/health 200) and pods keep reaching kube-dns through kube-proxy.
+        """
+        lab.sh(lab.node, "iptables-legacy", "-w", "5", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        (shim / "iptables-legacy-save").write_text(
+            "#!/bin/sh\n"
+            'echo "iptables-save v1.8.9 (legacy): Cannot initialize: Permission denied (you must be root)" >&2\n'
+            "exit 1\n"
+        )
+        (shim / "iptables-legacy-save").chmod(0o755)
+        poller = start_poller(lab, host="127.0.0.1")
+        started = time.monotonic()
+        proxy = start_proxy(lab, env={"PATH": f"{shim}:{os.environ['PATH']}"}, on_node_address=True)
+        not_ready = first(poller, started, 15, "/ready answers 503 with /health 200", ready=503, health=200)
+        wait_for(lambda: bool(logged(proxy, "serving")), 10, "the proxy logs serving")
+        (unreadable,) = logged(proxy, "iptables_backend_unreadable")
+        assert (unreadable["level"], unreadable["command"]) == ("error", "iptables-legacy-save -t mangle")
+        assert "Permission denied" in unreadable["reason"]
+        assert "iptables-legacy-save -t mangle" in not_ready["reason"] and "Permission denied" in not_ready["reason"]
+        assert logged(proxy, "serving")[0]["interception"] == "failed"
+        assert (lab.tagged(), lab.dig(CLUSTER_IP, "fallback.example"), proxy.poll()) == ([], ANSWER_KUBE_DNS, None)
+
+    def test_unreadable_backend_installed_at_a_later_attempt_once_readable(self, lab: Lab, tmp_path: Path) -> None:
+        """Once legacy reads again, the attempt of the next --sync-interval installs in legacy and /ready is 200.
+
+        The PATH shim of the test above first fails, then is replaced by one that runs the real
+        iptables-legacy-save.
+        """
+        lab.sh(lab.node, "iptables-legacy", "-w", "5", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        save = shim / "iptables-legacy-save"
+        save.write_text("#!/bin/sh\necho 'Cannot initialize: Permission denied (you must be root)' >&2\nexit 1\n")
+        save.chmod(0o755)
+        poller = start_poller(lab, host="127.0.0.1")
+        proxy = start_proxy(lab, env={"PATH": f"{shim}:{os.environ['PATH']}"}, on_node_address=True, sync_interval=2)
+        not_ready = first(poller, 0, 15, "/ready answers 503", ready=503)
+        real = shutil.which("iptables-legacy-save")
+        save.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+        first(poller, not_ready["t"], 10, "/ready answers 200", ready=200)
+        assert (lab.count_rules("iptables-legacy-save"), lab.count_rules("iptables-nft-save")) == (20, 0)
+        assert lab.dig(CLUSTER_IP, "recovered.example") == ANSWER_VIA_PROXY
+        assert logged(proxy, "intercept_failed") and logged(proxy, "intercept_rules_installed")
+
+    @pytest.mark.parametrize("what", ["rule", "address"])
+    def test_removed_by_hand_noticed_and_repaired_within_2s(
+        self, lab: Lab, what: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A diverting rule or an address deleted by hand: /ready 503 within 2 s, repaired and 200 again within 2 s."""
+        poller = start_poller(lab, host="127.0.0.1")
+        proxy = start_proxy(lab, on_node_address=True)
+        first(poller, 0, 15, "/ready answers 200", ready=200)
+        if what == "rule":
+            rule = diverting_rule(CLUSTER_IP)
+            removal = ["iptables", "-w", "5", "-t", rule.table, "-D", rule.chain, *rule.args(TAG)]
+        else:
+            device = lab.sh(lab.node, "ip", "-4", "-o", "addr", "show", "to", f"{CLUSTER_IP}/32").stdout.split()[1]
+            removal = ["ip", "addr", "del", f"{CLUSTER_IP}/32", "dev", device]
+        lab.sh(lab.node, *removal)
+        removed = time.monotonic()
+        not_ready = first(poller, removed, 5, "/ready answers 503", ready=503)
+        ready_again = first(poller, not_ready["t"], 5, "/ready answers 200 again", ready=200)
+        answer = lab.dig(CLUSTER_IP, "repaired.example")
+        noticed, repaired = not_ready["t"] - removed, ready_again["t"] - removed
+        with capsys.disabled():
+            print(f"\n[{what} removed] /ready 503 after {noticed:.3f} s, repaired and 200 after {repaired:.3f} s")
+        assert (noticed < DRIFT_GOAL, repaired < DRIFT_GOAL, answer, in_place(lab)) == (
+            True,
+            True,
+            ANSWER_VIA_PROXY,
+            True,
+        )
+        assert CLUSTER_IP in not_ready["reason"] and logged(proxy, "intercept_restored")
+
+    def test_watchdog_teardown_while_stopped_undone_on_resume(
+        self, lab: Lab, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Stopped until the watchdog tears down, then resumed: /health 200 at once, interception back within 2 s."""
+        poller = start_poller(lab, host="127.0.0.1")
+        proxy = start_proxy(lab, on_node_address=True)
+        first(poller, 0, 15, "/ready answers 200", ready=200)
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
+        proxy.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: "interception_removed" in dog.log_path.read_text(), 10, "the watchdog tore down")
+            fallback = lab.dig(CLUSTER_IP, "stopped.example")
+        finally:
+            resumed = time.monotonic()
+            proxy.send_signal(signal.SIGCONT)
+        wait_for(lambda: in_place(lab), 5, "the interception is back")
+        back = time.monotonic() - resumed
+        healthy = first(poller, resumed, 5, "/health answers 200", health=200)
+        first(poller, resumed + back, 5, "/ready answers 200", ready=200)
+        answer = lab.dig(CLUSTER_IP, "resumed.example")
+        wait_for(lambda: dog.log_path.read_text().count("watchdog_armed") == 2, 5, "the watchdog re-armed")
+        with capsys.disabled():
+            print(
+                f"\n[watchdog teardown, resumed] /health 200 after {healthy['t'] - resumed:.3f} s, "
+                f"interception back within {back:.3f} s"
+            )
+        assert (fallback, answer, proxy.poll()) == (ANSWER_KUBE_DNS, ANSWER_VIA_PROXY, None)
+        assert (back < DRIFT_GOAL, healthy["t"] - resumed < START_GOAL) == (True, True)
 
 
 # -- B and C in-process: liveness and the HTTP server ------------------------------------------
