@@ -7,7 +7,8 @@ must be coordinated is what they share besides the port:
 * **The interception** (rules and addresses, ``netsetup``) is node state, not process state.  Each
   instance registers in a directory under ``--state-dir`` (one per network namespace, so the
   netns tests each get their own): a lock file that the instance holds with ``flock`` for its
-  whole life, and a small JSON file saying ``starting``, ``serving`` or ``stopping``.  The kernel
+  whole life, and a small JSON file saying ``starting``, ``serving``, ``stopping`` or ``failed``
+  (alive and answering, but its install failed: it holds no share of the interception).  The kernel
   releases a flock when its holder dies, even by ``kill -9``, and flock works across PID
   namespaces (two pods are both PID 1), so "alive" is "its lock file is locked", never a PID
   check.  Membership changes and every decision about the interception (remove leftovers, remove
@@ -15,6 +16,10 @@ must be coordinated is what they share besides the port:
   down what a starting one has just installed: the last one out tears down, no one else does.
   What one instance changed on the node and the last one must undo (the ``route_localnet`` value
   found before dnat mode set it) is kept there too, in ``shared.json``.
+* **Drift.**  Once installed, the rules and addresses are looked at every second (``watch``, one
+  cheap listing, see ``netsetup.Interceptor.check``); what someone removed (another agent, the
+  watchdog's teardown while we were stuck) is put back at once under the same lock, and /ready
+  reports what is missing until then.
 * **The queued queries.**  Closing a UDP socket of a ``SO_REUSEPORT`` group drops the datagrams
   already queued on it.  ``detach_udp`` connects the socket to its own address instead: in
   Linux 5.4 and later (commit acdcecc61285, "udp: correct reuseport selection with connected sockets") a
@@ -22,6 +27,10 @@ must be coordinated is what they share besides the port:
   other sockets of the group while the old process still reads and answers what it holds.  A TCP
   listener has no such switch: the old one accepts every connection already queued, then closes
   in the same breath (see ``server.DnsTcpServer.hand_over``).
+
+Longer than most modules because the registry and this instance's share of the interception are
+one protocol: every decision about the node (install, repair, hand over, tear down) is read
+together with the lock and the states it is taken under.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gevent
+import gevent.lock
 
 from netsetup import InterceptError
 
@@ -52,6 +62,8 @@ if TYPE_CHECKING:
 STARTING = "starting"
 SERVING = "serving"
 STOPPING = "stopping"
+FAILED = "failed"  # alive and answering, without a share of the interception: its install failed
+CHECK_MAX_AGE = 2.0  # seconds: /ready never reports a look at the rules older than this
 LOCK_POLL = 0.01  # seconds between two tries of the directory lock (never a blocking flock in the loop)
 LOCK_TIMEOUT = 60.0  # a holder runs at most a teardown (iptables -w 5 per call); beyond that, go on
 QUIET_POLL = 0.02
@@ -221,6 +233,10 @@ class InstanceRegistry:
             # Between its lock file and its first state file: it is starting.
             return Instance(instance_id, 0, 0.0, STARTING)
 
+    def holders(self) -> list[Instance]:
+        """The other live instances that hold, or are about to hold, the interception (not the failed ones)."""
+        return [peer for peer in self.peers() if peer.state != FAILED]
+
     # -- node state that outlives an instance --
 
     def read_shared(self) -> dict[str, Any]:
@@ -285,55 +301,163 @@ class InstanceRegistry:
         return any(p.state == STARTING and (p.started, p.id) > (self.started, self.id) for p in self.peers())
 
 
+@dataclass(frozen=True)
+class InterceptionStatus:
+    """What the last look at the node's interception found."""
+
+    in_place: bool
+    reason: str  # for /ready: "in place", what is missing, or why it is not installed
+    checked_at: float  # monotonic
+
+
+def _describe_missing(missing: list[str]) -> str:
+    if not missing:
+        return "in place"
+    shown = ", ".join(missing[:3])
+    return f"interception incomplete, {len(missing)} missing: {shown}{', ...' if len(missing) > 3 else ''}"
+
+
 class NodeInterception:
     """This instance's share of the node's interception: the rules and addresses, and the registry
     of the instances that hold them together during a takeover.
 
-    The proxy's lifecycle, in order: claim() before binding, install() once serving, sync() every
-    --sync-interval, hand_over() on SIGTERM, release() when done.
+    The proxy's lifecycle, in order: claim() before binding, install() once serving (again every
+    --sync-interval while it failed), watch() every second, hand_over() on SIGTERM, release() when done.
     """
 
-    def __init__(self, interceptor: Interceptor, registry: InstanceRegistry, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        interceptor: Interceptor,
+        registry: InstanceRegistry,
+        log: FilteringBoundLogger,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interceptor = interceptor
         self.registry = registry
         self.log = log
-        self.rules_ok = True
+        self.clock = clock
+        self.installed = False  # our share is in place (or being repaired); False before and after a failure
+        self._status = InterceptionStatus(False, "interception not installed yet", clock())
+        self._leftovers_removed = False
+        self._looking = gevent.lock.Semaphore()
+        self._drift_logged = ""
 
     def claim(self) -> None:
         """Register on the node; alone, first remove the leftovers of a run killed with -9.
 
         With a live instance on the node (a takeover) its rules and addresses are ours as well and stay.
+        A failure is logged and left to install(), which tries again and reports it.
         """
         with self.registry.locked():
-            if not self.registry.peers():
-                self.interceptor.remove_leftovers()
+            if self.registry.holders():
+                self._leftovers_removed = True  # nothing there is a leftover: it is shared
+            else:
+                self._remove_leftovers()
             self.registry.register()
 
-    def install(self, then: Callable[[], None]) -> None:
+    def _remove_leftovers(self) -> None:
+        try:
+            self.interceptor.remove_leftovers()
+            self._leftovers_removed = True
+        except InterceptError as exc:
+            self.log.warning("intercept_leftovers_not_removed", error=str(exc))
+
+    def install(self, then: Callable[[], None] = lambda: None) -> bool:
         """Add the addresses, install the rules and call `then` (what must follow the addresses),
         then say "serving", all in one step under the node's lock: a predecessor deciding whether to
         hand over sees us either still starting or serving with the rules installed.
 
-        Raises InterceptError or OSError; alone on the node, nothing is left behind then.
+        On InterceptError (logged as ``intercept_failed``) nothing is left half installed: the
+        backend is read before anything is added, and alone on the node what was added is removed.
+        Then `then` is still called, our state is "failed" (peers neither wait for us nor leave the
+        interception to us), status() gives the reason, and the result is False.  Raises OSError
+        from `then`, after the same clean-up.
         """
         registry = self.registry
         with registry.locked():
-            self.interceptor.add_addresses()
             try:
-                self.interceptor.install_rules()
-                registry.keep_node_facts(self.interceptor)
+                self.interceptor.detect_backend()  # before anything is added: unreadable, nothing changes
+                if not self._leftovers_removed and not registry.holders():
+                    self.interceptor.remove_leftovers()
+                    self._leftovers_removed = True
+                self._add_all()
+            except InterceptError as exc:
+                self.installed = False
+                self._status = InterceptionStatus(False, f"interception not installed: {exc}", self.clock())
+                registry.set_state(FAILED)
+                self.log.error("intercept_failed", error=str(exc), action="serving, not ready, will retry")
                 then()
-            except (InterceptError, OSError):
-                if not registry.peers():
+                return False
+            try:
+                then()
+            except OSError:
+                if not registry.holders():
                     registry.tear_down_last(self.interceptor)
                 raise
             registry.set_state(SERVING)
+        self.installed = True
+        self._status = InterceptionStatus(True, "in place", self.clock())
+        return True
+
+    def _add_all(self) -> None:
+        try:
+            self.interceptor.add_addresses()
+            self.interceptor.install_rules()
+            self.registry.keep_node_facts(self.interceptor)
+        except InterceptError:
+            if not self.registry.holders():
+                self.registry.tear_down_last(self.interceptor)  # alone: nothing half installed
+            raise
+
+    def status(self, max_age: float = CHECK_MAX_AGE) -> InterceptionStatus:
+        """The interception as last seen, looked at again first if that is older than `max_age` seconds."""
+        if self.installed and self.clock() - self._status.checked_at > max_age:
+            return self.look()
+        return self._status
+
+    def look(self) -> InterceptionStatus:
+        """Look at the node's rules and addresses now; a caller arriving during a look shares its result."""
+        if self._looking.locked():
+            self._looking.wait()
+            return self._status
+        with self._looking:
+            try:
+                status = InterceptionStatus(
+                    not (missing := self.interceptor.check()), _describe_missing(missing), self.clock()
+                )
+            except InterceptError as exc:
+                status = InterceptionStatus(False, f"interception state unreadable: {exc}", self.clock())
+            if self.installed:
+                self._status = status
+            return status
+
+    def watch(self, full_sync: bool, dns_answers: Callable[[], bool]) -> None:
+        """One round of the drift check: look, and restore what is missing under the node's lock.
+
+        full_sync: restore even if the look found nothing (sync's ``-C`` per rule, every --sync-interval).
+        dns_answers: whether our DNS path answers; a proxy that does not gets nothing diverted to it.
+        """
+        if not self.installed:
+            return
+        status = self.look()
+        if status.in_place:
+            self._drift_logged = ""
+            if not full_sync:
+                return
+        elif status.reason != self._drift_logged:
+            self._drift_logged = status.reason  # one line per change, not one a second
+            self.log.warning("intercept_drift", missing=status.reason)
+        if not dns_answers():
+            self.log.error("intercept_repair_skipped", reason="dns loop not answering")
+            return
+        self.sync()
 
     def sync(self) -> None:
-        """Restore missing rules and addresses; rules_ok says whether they are all in place."""
+        """Restore missing rules and addresses (logged one by one), then look again."""
         with self.registry.locked():  # two instances of a takeover never insert the same rule twice
-            restored = self.interceptor.sync()
-        self.rules_ok = self.interceptor.rules_present() if restored else True
+            self.interceptor.sync()
+        self.look()
 
     def instances(self) -> int:
         """How many instances serve on the node, this one included."""
@@ -351,6 +475,7 @@ class NodeInterception:
         """
         registry = self.registry
         registry.set_state(STOPPING)
+        self.installed = False
         waited_until = time.monotonic() + timeout
         while time.monotonic() < waited_until:
             peers = registry.peers()
@@ -370,7 +495,7 @@ class NodeInterception:
     def release(self) -> None:
         """Leave the registry; the last one out removes the addresses, now that no answer is in flight."""
         with self.registry.locked():
-            if not self.registry.peers():
+            if not self.registry.holders():
                 self.registry.tear_down_last(self.interceptor)
             self.registry.unregister()
 

@@ -1,4 +1,9 @@
-"""The operator's HTTP interface: /health (liveness) and /ready (readiness) for the kubelet's probes."""
+"""The operator's HTTP interface: /health (liveness) and /ready (readiness) for the kubelet's probes.
+
+Nothing here looks up a name: gevent's WSGIServer would fill SERVER_NAME with socket.getfqdn() of
+the listen address when it starts (a reverse lookup through the node's resolver, which may be the
+very DNS that is down); it is given the literal address instead.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from gevent.pywsgi import WSGIServer
 
 import wire
 from config import Endpoint
+
+IP_FREEBIND = 15  # linux/in.h; not exported by Python 3.11's socket module
 
 
 def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
@@ -32,31 +39,51 @@ def dns_loop_answers(endpoint: Endpoint, timeout: float = 1.0) -> bool:
 
 
 class _SharedPortWSGIServer(WSGIServer):
-    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port."""
+    """A WSGIServer whose listener has SO_REUSEPORT: during a takeover the successor binds the same port.
 
-    @classmethod
-    def get_listener(cls, address, backlog=None, family=None):
-        sock = socket.socket(family or socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(backlog or cls.backlog or 128)
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock
+    With ``freebind`` (IP_FREEBIND) it binds an address the node does not have yet: an interception
+    address, put on the node only once the install succeeds.
+    """
+
+    freebind = False
+
+    def init_socket(self) -> None:
+        if not hasattr(self, "socket"):
+            self.socket = _shared_listener(self.address, self.family, self.freebind, self.backlog or 128)
+        super().init_socket()
+
+
+def _shared_listener(address: tuple[str, int], family: int, freebind: bool, backlog: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if freebind and family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class HttpApi:
     """A small WSGI app on its own address; routes are looked up in one table."""
 
     def __init__(
-        self, endpoint: Endpoint, dns_endpoint: Endpoint, is_ready: Callable[[], tuple[bool, str]], log: Any
+        self,
+        endpoint: Endpoint,
+        is_alive: Callable[[], bool],
+        is_ready: Callable[[], tuple[bool, str]],
+        log: Any,
+        *,
+        freebind: bool = False,
     ) -> None:
+        """is_alive answers /health (the DNS loop answers), is_ready /ready (ready, and why not)."""
         self.endpoint = endpoint
-        self.dns_endpoint = dns_endpoint
+        self.is_alive = is_alive
         self.is_ready = is_ready
         self.log = log
         self.routes: dict[str, Callable[[dict], tuple[str, str, bytes]]] = {
@@ -65,7 +92,15 @@ class HttpApi:
             "/ready": self._ready,
             "/readyz": self._ready,
         }
-        self.server = _SharedPortWSGIServer((endpoint.host, endpoint.port), self._app, log=None, error_log=None)
+        self.server = _SharedPortWSGIServer(
+            (endpoint.host, endpoint.port),
+            self._app,
+            log=None,
+            error_log=None,
+            # Set, so that WSGIServer.update_environ never calls socket.getfqdn() on the address.
+            environ={"SERVER_NAME": endpoint.host, "SERVER_PORT": str(endpoint.port)},
+        )
+        self.server.freebind = freebind
 
     def add_route(self, path: str, handler: Callable[[dict], tuple[str, str, bytes]]) -> None:
         """Later features (metrics, cache control) add their pages here."""
@@ -92,7 +127,7 @@ class HttpApi:
         return [body]
 
     def _health(self, environ: dict) -> tuple[str, str, bytes]:
-        if dns_loop_answers(self.dns_endpoint):
+        if self.is_alive():
             return "200 OK", "text/plain", b"ok\n"
         return "503 Service Unavailable", "text/plain", b"dns loop not answering\n"
 

@@ -1,7 +1,8 @@
-"""Node network setup: interception addresses and iptables rules, their sync and teardown.
+"""Node network setup: interception addresses and iptables rules, their check, sync and teardown.
 
-The proxy owns the node's DNS interception: it adds it when it can answer, re-checks it every
-sync interval, and removes it on exit so that pods fall back to kube-dns through kube-proxy.
+The proxy owns the node's DNS interception: it adds it when it can answer, looks at it every second
+and restores what is missing (handover.NodeInterception.watch), and removes it on exit so that pods
+fall back to kube-dns through kube-proxy.
 
 Modes (``InterceptSpec.mode``):
 
@@ -33,11 +34,18 @@ iptables backend: decided once, like kubernetes-sigs/iptables-wrappers and kube-
 kubelet (1.17+: ``KUBE-KUBELET-CANARY``, 1.24+: ``KUBE-IPTABLES-HINT``) leaves chains in the
 mangle table of the backend kube-proxy uses; ``iptables-nft-save -t mangle`` is read first, then
 ``iptables-legacy-save -t mangle``, and the first one holding such a chain gives the binary.
-With neither, the system's ``iptables`` (as installed: Debian's alternative) is used.  Rules of
+With neither, the system's ``iptables`` (as installed: Debian's alternative) is used.  A backend
+that is not installed, or whose mangle table does not exist, holds no hint; one that cannot be read
+(e.g. "Permission denied" without NET_RAW or NET_ADMIN) stops the detection with BackendError: a
+guess would put the rules where kube-proxy's filter table cannot see our ACCEPTs.  Rules of
 the wrong backend would still hook netfilter but break ordering against kube-proxy's rules and
 confuse other tools' backend detection (kubermatic/kubeone#1037).  A private nftables table was
 the alternative; iptables was chosen because the filter ACCEPT rules must live in the backend
 whose filter table may have a DROP policy, and because it needs no nft syntax per kernel.
+
+Checking: ``check()`` reads the live state with one ``ip addr`` and one listing per chain (nft) or
+per table (legacy), never one call per rule, and names what is missing; ``sync()`` restores it,
+``-C`` before ``-I``, the ACCEPT and reply rules before the diverting ones.
 
 Every command is an argv list run by an injectable runner (``subprocess.run`` by default; pass
 ``gevent.subprocess.run`` under gevent) with a timeout; iptables calls use ``-w 5`` so they
@@ -56,7 +64,7 @@ import json
 import re
 import shlex
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +95,19 @@ Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 class InterceptError(Exception):
     """A network setup step failed or a spec is invalid; the message names the step."""
+
+
+class CommandNotFoundError(InterceptError):
+    """The program of an argv is not installed."""
+
+
+class BackendError(InterceptError):
+    """The iptables backend cannot be decided: ``command`` could not be read, ``reason`` says why."""
+
+    def __init__(self, command: str, reason: str) -> None:
+        super().__init__(f"iptables backend unknown: {command}: {reason}")
+        self.command = command
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -259,6 +280,29 @@ def _option(tokens: list[str], name: str) -> str | None:
     return None
 
 
+def _jump_above(listing: list[list[str]], ours: list[str]) -> bool:
+    """Tell whether kube-proxy's KUBE-SERVICES jump comes before our rule ``ours`` in a chain's listing."""
+    tag = _comment(ours)
+    for tokens in listing:
+        # Leniently ours (every token of ours, in any order): a listing that prints it differently
+        # must not make the sync move it (delete, insert) at every round.
+        if _comment(tokens) == tag and all(token in tokens for token in ours):
+            return False
+        if "-j" in tokens and tokens[tokens.index("-j") + 1 :][:1] == [KUBE_SERVICES_CHAIN]:
+            return True
+    return False
+
+
+def _addresses(links: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Map each IPv4 address of ``ip -j addr show``'s links to (device, label)."""
+    found = {}
+    for link in links:
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet":
+                found[info["local"]] = (link["ifname"], info.get("label", ""))
+    return found
+
+
 def address_label(device: str, tag: str) -> str:
     """Return the IPv4 address label that marks our addresses on ``device``."""
     return f"{device}:{tag}"[:IFNAMSIZ_MAX]
@@ -270,20 +314,38 @@ def run_command(runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOU
         return runner(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise InterceptError(f"{shlex.join(argv)}: no result after {timeout} s") from None
+    except FileNotFoundError:
+        raise CommandNotFoundError(f"{argv[0]}: not installed") from None
     except OSError as exc:
         raise InterceptError(f"{shlex.join(argv)}: {exc.strerror or exc}") from None
 
 
 def detect_iptables(runner: Runner = subprocess.run) -> tuple[str, str]:
-    """Return (iptables binary, reason): the backend whose mangle table has the kubelet's hint."""
+    """Return (iptables binary, reason): the backend whose mangle table has the kubelet's hint.
+
+    Raises BackendError when a backend consulted before the decision cannot be read: without its
+    listing, which backend kube-proxy uses is a guess.
+    """
+    absent = []
     for binary in ("iptables-nft", "iptables-legacy"):
+        argv = [f"{binary}-save", "-t", "mangle"]
         try:
-            proc = run_command(runner, [f"{binary}-save", "-t", "mangle"])
-        except InterceptError:
+            proc = run_command(runner, argv)
+        except CommandNotFoundError:
+            absent.append(f"{binary} not installed")
             continue
-        if proc.returncode == 0 and any(chain in proc.stdout for chain in HINT_CHAINS):
+        except InterceptError as exc:
+            raise BackendError(shlex.join(argv), str(exc).removeprefix(f"{shlex.join(argv)}: ")) from None
+        if proc.returncode != 0:
+            error = proc.stderr.strip() or proc.stdout.strip() or "no message"
+            if "Table does not exist" in error:
+                # Legacy with no mangle table in this network namespace (module not loaded): unused.
+                absent.append(f"{binary}: no mangle table")
+                continue
+            raise BackendError(shlex.join(argv), f"exit code {proc.returncode}: {error}")
+        if any(chain in proc.stdout for chain in HINT_CHAINS):
             return binary, "kubelet hint chain in mangle table"
-    return "iptables", "no kubelet hint chain: system default"
+    return "iptables", "; ".join(["no kubelet hint chain: system default", *absent])
 
 
 class Interceptor:
@@ -304,6 +366,7 @@ class Interceptor:
         self._iptables = iptables
         self._device: str | None = None
         self._route_localnet_before: str | None = None
+        self._backend_error: str | None = None  # the last one logged: a failing detection logs once
 
     @property
     def route_localnet_before(self) -> str | None:
@@ -325,11 +388,26 @@ class Interceptor:
 
     @property
     def iptables(self) -> str:
-        """Return the iptables binary in use, detecting the backend on first use."""
+        """Return the iptables binary in use, detecting the backend on first use.
+
+        Raises BackendError (logged as ``iptables_backend_unreadable`` once per distinct error) and
+        detects again at the next use, so that a cause fixed later is noticed.
+        """
         if self._iptables is None:
-            self._iptables, reason = detect_iptables(self._runner)
-            self._log.info("iptables_backend", binary=self._iptables, reason=reason)
+            try:
+                binary, reason = detect_iptables(self._runner)
+            except BackendError as exc:
+                if str(exc) != self._backend_error:
+                    self._backend_error = str(exc)
+                    self._log.error("iptables_backend_unreadable", command=exc.command, reason=exc.reason)
+                raise
+            self._iptables, self._backend_error = binary, None
+            self._log.info("iptables_backend", binary=binary, reason=reason)
         return self._iptables
+
+    def detect_backend(self) -> str:
+        """Return the iptables binary, detecting it now if needed; raise BackendError if unreadable."""
+        return self.iptables
 
     def _ipt(self, table: str, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run([self.iptables, "-w", IPTABLES_WAIT, "-t", table, *args])
@@ -364,6 +442,32 @@ class Interceptor:
     def _tagged(self, table: str, chain: str) -> list[list[str]]:
         return [r for r in self._list_chain(table, chain) if _comment(r) == self.spec.tag]
 
+    def _read_chains(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], list[list[str]]]:
+        """List the rules of the chains ``keys``, the cheapest way for the backend.
+
+        Measured with 20,000 rules in filter: iptables-nft-save fetches the whole ruleset whatever
+        ``-t`` says (220 ms even for the empty raw table), while ``iptables-nft -S CHAIN`` fetches one
+        chain (4 ms).  Legacy copies a whole table out of the kernel for any read: ``-save -t TABLE``
+        does it once per table (2 ms for raw, 50 ms for that filter) and takes no xtables lock,
+        where each ``-S`` would copy the table again and wait behind kube-proxy's iptables-restore.
+        """
+        listed: dict[tuple[str, str], list[list[str]]] = {key: [] for key in keys}
+        if not self.iptables.endswith("-legacy"):
+            for key in sorted(keys):
+                listed[key] = self._list_chain(*key)
+            return listed
+        for table in sorted({table for table, _ in keys}):
+            argv = [f"{self.iptables}-save", "-t", table]
+            proc = self._run(argv)
+            if proc.returncode != 0:
+                raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+            for line in proc.stdout.splitlines():
+                if line.startswith("-A "):
+                    tokens = shlex.split(line)
+                    if (table, tokens[1]) in listed:
+                        listed[(table, tokens[1])].append(tokens)
+        return listed
+
     def _links(self) -> list[dict[str, Any]]:
         proc = self._run(["ip", "-j", "-d", "addr", "show"])
         if proc.returncode != 0:
@@ -372,21 +476,17 @@ class Interceptor:
 
     def _local_addresses(self) -> dict[str, tuple[str, str]]:
         """Map each IPv4 address on the host to (device, label)."""
-        found = {}
-        for link in self._links():
-            for info in link.get("addr_info", []):
-                if info.get("family") == "inet":
-                    found[info["local"]] = (link["ifname"], info.get("label", ""))
-        return found
+        return _addresses(self._links())
 
     # -- addresses --------------------------------------------------------------------------
 
-    def _choose_device(self) -> str:
+    def _choose_device(self, links: dict[str, dict[str, Any]]) -> str:
         """Return the interface for our /32s: our dummy if the kernel can, else lo."""
-        if self._device is not None:
+        if self._device is not None and self._device in links:
             return self._device
+        # First use, or our dummy interface was deleted (the watchdog's teardown deletes it).
+        self._device = None
         name = self.spec.interface
-        links = {link["ifname"]: link for link in self._links()}
         link = links.get(name)
         if link is not None:
             ipv4 = [a for a in link.get("addr_info", []) if a.get("family") == "inet"]
@@ -424,13 +524,22 @@ class Interceptor:
                 raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
 
     def _ensure_addresses(self) -> list[str]:
-        present = self._local_addresses()
+        links = {link["ifname"]: link for link in self._links()}
+        present = _addresses(links.values())
+        added = []
+        for device in sorted({present[ip][0] for ip in self.spec.wanted_addresses() if ip in present}):
+            if "UP" not in links[device].get("flags", []):
+                # Set down by someone: its addresses get no local route.
+                argv = ["ip", "link", "set", "dev", device, "up"]
+                proc = self._run(argv)
+                if proc.returncode != 0:
+                    raise InterceptError(f"{shlex.join(argv)}: {proc.stderr.strip()}")
+                added.append(f"interface {device} up")
         missing = [ip for ip in self.spec.wanted_addresses() if ip not in present]
         if not missing:
-            return []
-        device = self._choose_device()
+            return added
+        device = self._choose_device(links)
         label = address_label(device, self.spec.tag)
-        added = []
         for ip in missing:
             argv = ["ip", "addr", "add", f"{ip}/32", "dev", device, "label", label]
             proc = self._run(argv)
@@ -498,24 +607,16 @@ class Interceptor:
         if proc.returncode not in (0, 1):
             self._log.warning("conntrack_flush_failed", error=proc.stderr.strip())
 
-    def _kube_services_above(self, rule: Rule) -> bool:
-        """Tell whether kube-proxy's jump precedes our DNAT rule in its chain."""
-        ours = rule.args(self.spec.tag)
-        for tokens in self._list_chain(rule.table, rule.chain):
-            if "-j" in tokens and tokens[tokens.index("-j") + 1] == KUBE_SERVICES_CHAIN:
-                return True
-            if _comment(tokens) == self.spec.tag and all(t in tokens for t in ours):
-                return False
-        return False
-
     def _ensure_rules(self) -> list[str]:
         restored = self._ensure_route_localnet()
         for rule in self.spec.rules():
             if self._ensure_rule(rule):
                 restored.append(rule.describe())
         if self.spec.mode == "dnat":
-            for rule in self.spec.rules():
-                if self._kube_services_above(rule):
+            rules = self.spec.rules()
+            listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
+            for rule in rules:
+                if _jump_above(listed[(rule.table, rule.chain)], ["-A", rule.chain, *rule.args(self.spec.tag)]):
                     # kube-proxy re-inserted its jump above ours: move ours back on top.
                     self._delete_rule(rule.table, ["-A", rule.chain, *rule.args(self.spec.tag)])
                     self._insert(rule)
@@ -556,27 +657,45 @@ class Interceptor:
             self._log.info("intercept_restored", item=item)
         return restored
 
-    def rules_present(self) -> bool:
-        """Tell whether every rule and address of the mode is in place (for /ready)."""
+    def check(self) -> list[str]:
+        """Return what of the mode is missing on the node, empty when all is in place; cheap.
+
+        One ``ip addr`` and one listing per chain or table (see _read_chains) whatever the number of rules;
+        ``-C`` only for a rule the listing does not show, in case iptables prints it differently.
+        Raises InterceptError when the state cannot be read.
+        """
         if self.spec.mode == "none":
-            return True
+            return []
+        missing = []
+        links = self._links()
+        present = _addresses(links)
+        up = {link["ifname"] for link in links if "UP" in link.get("flags", [])}
+        for ip in self.spec.wanted_addresses():
+            if ip not in present:
+                missing.append(f"address {ip}/32")
+            elif present[ip][0] not in up:
+                missing.append(f"interface {present[ip][0]} up")
+        rules = self.spec.rules()
+        listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
+        for rule in rules:
+            line = ["-A", rule.chain, *rule.args(self.spec.tag)]
+            if line not in listed[(rule.table, rule.chain)] and not self._rule_exists(rule):
+                missing.append(rule.describe())
+            elif self.spec.mode == "dnat" and _jump_above(listed[(rule.table, rule.chain)], line):
+                missing.append(f"above {KUBE_SERVICES_CHAIN}: {rule.describe()}")
+        if self.spec.target_is_loopback:
+            proc = self._run(["sysctl", "-n", ROUTE_LOCALNET])
+            if proc.returncode != 0 or proc.stdout.strip() != "1":
+                missing.append(f"sysctl {ROUTE_LOCALNET}=1")
+        return missing
+
+    def rules_present(self) -> bool:
+        """Tell whether every rule and address of the mode is in place (check() found nothing missing)."""
         try:
-            present = self._local_addresses()
-            if any(ip not in present for ip in self.spec.wanted_addresses()):
-                return False
-            listed: dict[tuple[str, str], list[str]] = {}
-            for rule in self.spec.rules():
-                key = (rule.table, rule.chain)
-                if key not in listed:
-                    listed[key] = [shlex.join(t) for t in self._tagged(*key)]
-                line = shlex.join(["-A", rule.chain, *rule.args(self.spec.tag)])
-                # The listing is iptables' canonical form; -C settles any formatting drift.
-                if line not in listed[key] and not self._rule_exists(rule):
-                    return False
+            return not self.check()
         except InterceptError as exc:
             self._log.warning("intercept_check_failed", error=str(exc))
             return False
-        return True
 
     def has_tagged_rules(self) -> bool:
         """Tell whether any diverting rule with our tag is installed (cheap: two listings)."""
@@ -593,8 +712,12 @@ class Interceptor:
 
     def _remove_tagged_rules(self) -> tuple[int, list[str]]:
         removed = 0
-        errors = []
+        errors: list[str] = []
         flushed = set()
+        try:
+            self.detect_backend()  # once, not once per chain
+        except BackendError as exc:
+            return 0, [str(exc)]
         for table, chain in OUR_CHAINS:
             try:
                 tagged = self._tagged(table, chain)
@@ -649,12 +772,16 @@ class Interceptor:
         # while the address is still local; an address gone first would blackhole untracked
         # packets (kubernetes/dns commit 307d561).
         rules, rule_errors = self._remove_tagged_rules()
+        if rule_errors:
+            # Rules of ours may still divert: their addresses stay, so that the diverted queries
+            # still end on this node (answered, or refused at once) rather than routed off it.
+            return rules, 0, [*rule_errors, "addresses kept: rules may remain"]
         try:
             addresses, address_errors = self._remove_tagged_addresses()
         except InterceptError as exc:
             addresses, address_errors = 0, [str(exc)]
         self._device = None
-        return rules, addresses, rule_errors + address_errors
+        return rules, addresses, address_errors
 
     def remove_leftovers(self) -> None:
         """Remove every rule, address and interface carrying our tag; raise if one stays."""

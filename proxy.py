@@ -27,14 +27,16 @@ from configfile import ConfigReloader
 from control import CacheControl, loopback_only
 from control import cli as control_cli
 from handover import InstanceRegistry, NodeInterception, detach_udp, other_sockets, wait_until_read
-from httpapi import HttpApi
+from httpapi import HttpApi, dns_loop_answers
 from logs import configure_logging
 from metrics import ProxyCollector, Stats, make_registry
 from netsetup import InterceptError, Interceptor, InterceptSpec
 from persist import CachePersister
 from resolver import Resolver, TaskLimit
-from server import AccessList, DnsTcpServer, DnsUdpServer, QueryHandler, bind_sockets
+from server import AccessList, DnsTcpServer, DnsUdpServer, QueryHandler, bind_loopback_udp, bind_sockets
 from upstream import Upstreams, run_prober
+
+CHECK_INTERVAL = 1.0  # seconds between two looks at the interception: drift is repaired within 2 s
 
 
 class Proxy:
@@ -59,6 +61,10 @@ class Proxy:
         self.pool = TaskLimit(config.max_concurrent, self.resolver.errors)
         self.handler = QueryHandler(self.resolver, self.pool, log, config.log_queries, AccessList(config.allow))
         self.servers: list[DatagramServer | StreamServer] = []
+        # /health asks this one: 127.0.0.1, a port of the kernel's choosing, same server code as the
+        # listen addresses, none of which may be reachable (a watchdog teardown removes them).
+        self.health_server: DnsUdpServer | None = None
+        self.health_endpoint: Endpoint | None = None
         self.background: list[gevent.Greenlet] = []
         self.serving = False
         self.persister: CachePersister | None = None
@@ -66,7 +72,7 @@ class Proxy:
             self.persister = CachePersister(config.cache_file, self.cache, config.max_stale, log)
         # The interception is node state, shared with a successor or predecessor during a takeover.
         self.node: NodeInterception | None = None
-        self.sync_greenlet: gevent.Greenlet | None = None
+        self.watch_greenlet: gevent.Greenlet | None = None
         if config.intercept != "none":
             spec = InterceptSpec(
                 mode=config.intercept,
@@ -79,7 +85,7 @@ class Proxy:
             self.node = NodeInterception(interceptor, InstanceRegistry(config.state_dir, log), log)
         self.http: HttpApi | None = None
         if config.http is not None:
-            self.http = HttpApi(config.http, config.listen[0], self.readiness, log)
+            self.http = HttpApi(config.http, self.liveness, self.readiness, log, freebind=self.node is not None)
             registry = make_registry(ProxyCollector(self.stats, self.cache, self.upstream_groups, self.persister))
             self.http.add_route("/metrics", lambda environ: ("200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)))
             control = CacheControl(self.cache, time.monotonic, log)
@@ -89,7 +95,9 @@ class Proxy:
     def start(self) -> None:
         """Load the cache, bind, serve, then set up interception (NodeLocal DNSCache's order).
 
-        Raises OSError when a socket cannot be bound and InterceptError when the rules cannot be set.
+        Raises OSError when a socket cannot be bound. An interception that cannot be installed is
+        logged (``intercept_failed``), /ready says why, and the install is tried again every
+        --sync-interval; pods meanwhile reach kube-dns through kube-proxy, as before the proxy came.
         """
         if self.node is not None:
             self.node.claim()
@@ -107,7 +115,10 @@ class Proxy:
             if shared:
                 # Expected during a takeover; otherwise a second proxy of ours runs by mistake.
                 self.log.info("listen_address_shared", address=str(bound), other_sockets=shared)
-        for server in self.servers:
+        health = bind_loopback_udp()
+        self.health_endpoint = Endpoint("127.0.0.1", health.getsockname()[1])
+        self.health_server = DnsUdpServer(health, self.handler)
+        for server in [*self.servers, self.health_server]:
             server.start()
         resolver = self.resolver
         self.background.append(
@@ -118,14 +129,21 @@ class Proxy:
         self.background.append(gevent.spawn(self._housekeeping))
         if self.persister is not None:
             self.persister.start(self.config.save_interval)
+        interception = None
         if self.node is not None:
-            # The HTTP server starts after the addresses: it may listen on the link-local one.
-            self.node.install(then=self.http.start if self.http is not None else lambda: None)
-            self.sync_greenlet = gevent.spawn(self._sync_interception, self.node)
+            # The HTTP server starts after the addresses: it may listen on the link-local one. A failed
+            # install keeps us running, not ready, the node untouched (see NodeInterception.install).
+            installed = self.node.install(then=self.http.start if self.http is not None else lambda: None)
+            interception = "installed" if installed else "failed"
+            self.watch_greenlet = gevent.spawn(self._watch_interception, self.node)
         elif self.http is not None:
             self.http.start()
         self.serving = True
-        self.log.info("serving", instances_on_node=self.node.instances() if self.node is not None else None)
+        self.log.info(
+            "serving",
+            instances_on_node=self.node.instances() if self.node is not None else None,
+            interception=interception,
+        )
 
     def upstream_groups(self) -> list[Upstreams]:
         """Every set of upstreams the proxy forwards to (for metrics and the summary)."""
@@ -143,23 +161,41 @@ class Proxy:
             self.handler.access = AccessList(config.allow)
         self.config = config
 
+    def liveness(self) -> bool:
+        """Whether the event loop and the query path answer: a query to our loopback health socket."""
+        return self.health_endpoint is not None and dns_loop_answers(self.health_endpoint)
+
     def readiness(self) -> tuple[bool, str]:
-        """Ready once the cache is loaded, the sockets serve and interception (if any) is in place."""
+        """Ready once the cache is loaded, the sockets serve and interception (if any) is in place,
+        as seen on the node at most CHECK_MAX_AGE (2 s) ago."""
         if not self.serving:
             return False, "starting"
         if self.node is not None:
-            if not self.node.rules_ok:
-                return False, "interception rules missing"
             if self.node.newer_starting():
                 # One port for both during a takeover (SO_REUSEPORT): a probe of the successor's pod
                 # may reach us, and the successor is not ready until it serves.
                 return False, "successor starting"
+            status = self.node.status()
+            if not status.in_place:
+                return False, status.reason
         return True, "ready"
 
-    def _sync_interception(self, node: NodeInterception) -> None:
+    def _watch_interception(self, node: NodeInterception) -> None:
+        """Every second look for drift and repair it; every --sync-interval a full sync, or a new
+        install attempt while the install fails."""
+        last_full = time.monotonic()
         while True:
-            gevent.sleep(self.config.sync_interval)
-            node.sync()
+            gevent.sleep(CHECK_INTERVAL)
+            full = time.monotonic() - last_full >= self.config.sync_interval
+            if full:
+                last_full = time.monotonic()
+            try:
+                if node.installed:
+                    node.watch(full, self.liveness)
+                elif full:
+                    node.install()
+            except Exception as exc:  # the boundary: the loop must outlive a bad round (e.g. odd `ip -j` output)
+                self.log.error("intercept_watch_failed", error=repr(exc))
 
     def _housekeeping(self) -> None:
         last_summary = time.monotonic()
@@ -202,8 +238,8 @@ class Proxy:
         self.serving = False
         handed_over = False
         if self.node is not None:
-            if self.sync_greenlet is not None:
-                self.sync_greenlet.kill()
+            if self.watch_greenlet is not None:
+                self.watch_greenlet.kill()
             handed_over = self.node.hand_over(self.config.handover_timeout)
         if handed_over and self.http is not None:
             self.http.stop()  # from now on the kubelet's probes reach the successor only
@@ -233,6 +269,8 @@ class Proxy:
             server.close()
         for upstreams in self.upstream_groups():
             upstreams.close()
+        if self.health_server is not None:
+            self.health_server.close()
         if self.persister is not None:
             self.persister.stop()  # the final snapshot, once no query can change the cache any more
         if self.http is not None and not handed_over:
@@ -265,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         log.error("bind_failed", error=str(exc))
         return 1
-    except InterceptError as exc:
+    except InterceptError as exc:  # an invalid interception spec; a failed install keeps serving
         log.error("intercept_failed", error=str(exc))
         return 1
     reloader.start()  # --config changes and SIGHUP apply settings live, without dropping the cache

@@ -364,3 +364,17 @@ def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.soc
         tcp.close()
         raise
     return udp, tcp
+
+
+def bind_loopback_udp() -> socket.socket:
+    """A UDP socket on 127.0.0.1 with a port of the kernel's choosing, for the liveness check alone.
+
+    No SO_REUSEPORT: it is this process's own, so /health never asks another instance's loop.
+    """
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp.bind(("127.0.0.1", 0))
+    except OSError:
+        udp.close()
+        raise
+    return udp

@@ -1070,6 +1070,9 @@ def start_proxy(lab: Lab, mode: str, name: str = "proxy") -> Any:
         return lab.dig(CLUSTER_IP, "ready.example") == ANSWER_VIA_PROXY
 
     wait_for(answered, 15, f"the pod is answered through proxy.py ({proxy.log_path})")
+    # Answers come a moment before the install ends; in dnat mode its last step flushes the
+    # ClusterIP's UDP conntrack entries, which drops the reply of a query in flight then.
+    wait_for(lambda: '"event": "serving"' in proxy.log_path.read_text(), 15, "proxy.py logs serving")
     return proxy
 
 
