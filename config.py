@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 ENV_PREFIX = "KUBE_DNS_PROXY_"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DNS_PORT = 53
@@ -618,6 +616,9 @@ def _split_items(flag: _Flag, raw: str) -> list[str]:
 
 def _read_config_file(path: str) -> dict[str, object]:
     """The settings of a --config YAML file by Config field, as YAML typed them (not yet converted)."""
+    # Imported here: PyYAML costs every proxy about 2.5 MB of memory, and most run without a file.
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

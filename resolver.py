@@ -202,11 +202,15 @@ class Resolver:
             return entry.render(query, ttl, max_size)
         # Clients repeat byte-identical queries: an answer rendered for this TTL second only needs
         # the client's ID swapped in.
-        body = data[2:]
         memo = entry.rendered
         if memo is None:
+            if entry.hits < 2:
+                # Most names of a large cache are asked once per TTL: a memo would cost them about
+                # 400 bytes each for nothing. The second hit makes one.
+                return entry.render(query, ttl, max_size, qid=data[:2])
             memo = entry.rendered = {}
-        else:
+        body = data[2:]
+        if memo:
             rendered = memo.get(body)
             if rendered is not None and rendered[0] == ttl:
                 return data[:2] + rendered[1][2:]
