@@ -308,9 +308,13 @@ def address_label(device: str, tag: str) -> str:
     return f"{device}:{tag}"[:IFNAMSIZ_MAX]
 
 
-def run_command(runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run one argv (never a shell) and return it; raise InterceptError if it cannot run."""
+def run_command(
+    runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOUT, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one argv (never a shell), `stdin` as its input, and return it; raise InterceptError if it cannot run."""
     try:
+        if stdin is not None:
+            return runner(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
         return runner(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise InterceptError(f"{shlex.join(argv)}: no result after {timeout} s") from None
@@ -423,11 +427,34 @@ class Interceptor:
         if proc.returncode != 0:
             raise InterceptError(f"iptables -I {rule.describe()}: {proc.stderr.strip()}")
 
-    def _ensure_rule(self, rule: Rule) -> bool:
-        if self._rule_exists(rule):
-            return False
-        self._insert(rule)
-        return True
+    def _insert_all(self, rules: list[Rule]) -> None:
+        """Insert rules at the top of their chains, in order, with one ``iptables-restore --noflush``.
+
+        One process instead of one ``iptables -I`` per rule (24 in nodelocal mode: half a second at
+        start, under the node's lock). The input holds the tables in the order of their first rule, so
+        the filter ACCEPT rules are committed before the raw NOTRACK rules that need them. Where the
+        restore binary is missing or refuses the input, the rules go in one by one as before.
+        """
+        tables: dict[str, list[Rule]] = {}
+        for rule in rules:
+            tables.setdefault(rule.table, []).append(rule)
+        lines = []
+        for table, in_table in tables.items():
+            lines.append(f"*{table}")
+            lines += [shlex.join(["-I", rule.chain, "1", *rule.args(self.spec.tag)]) for rule in in_table]
+            lines.append("COMMIT")
+        argv = [f"{self.iptables}-restore", "-w", IPTABLES_WAIT, "--noflush"]
+        try:
+            proc = run_command(self._runner, argv, stdin="\n".join(lines) + "\n")
+            error = proc.stderr.strip()[:500] if proc.returncode else None
+        except CommandNotFoundError as exc:
+            error = str(exc)
+        if error is None:
+            return
+        self._log.warning("iptables_restore_failed", command=argv[0], error=error)
+        for rule in rules:
+            if not self._rule_exists(rule):
+                self._insert(rule)
 
     def _list_chain(self, table: str, chain: str) -> list[list[str]]:
         proc = self._ipt(table, "-S", chain)
@@ -609,11 +636,18 @@ class Interceptor:
 
     def _ensure_rules(self) -> list[str]:
         restored = self._ensure_route_localnet()
-        for rule in self.spec.rules():
-            if self._ensure_rule(rule):
-                restored.append(rule.describe())
+        rules = self.spec.rules()
+        listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
+        missing = [
+            rule
+            for rule in rules
+            if ["-A", rule.chain, *rule.args(self.spec.tag)] not in listed[(rule.table, rule.chain)]
+            and not self._rule_exists(rule)
+        ]
+        if missing:
+            self._insert_all(missing)
+            restored += [rule.describe() for rule in missing]
         if self.spec.mode == "dnat":
-            rules = self.spec.rules()
             listed = self._read_chains({(rule.table, rule.chain) for rule in rules})
             for rule in rules:
                 if _jump_above(listed[(rule.table, rule.chain)], ["-A", rule.chain, *rule.args(self.spec.tag)]):

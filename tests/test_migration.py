@@ -195,17 +195,18 @@ def test_switch_with_copies_loses_only_what_node_cache_held(nodelocal_node: Node
     assert (late, held <= 4, after) == ({ip: [] for ip in ADDRESSES}, True, {ANSWER_VIA_PROXY})
 
 
-def test_switch_without_copies_loses_the_addresses(nodelocal_node: Node) -> None:
-    """Without step 3 node-cache's exit takes the addresses: the ClusterIP falls back, the link-local fails."""
+def test_switch_without_copies_has_a_gap_until_the_repair(nodelocal_node: Node) -> None:
+    """Without step 3 node-cache's exit takes the addresses: queries fail until the proxy's drift repair
+    (a look every second) puts them back, then the proxy answers both addresses again."""
     node = nodelocal_node
     node.start_proxy()
     died = node.stop_node_cache("rules-first")
-    time.sleep(3.0)
-    link_local_failed = node.failures(LINK_LOCAL, died)
-    cluster_ip_after = {s["answer"] for s in node.samples(CLUSTER_IP) if s["sent"] >= died + 2.0}
-    # The watchdog saw the proxy unreachable and removed its rules: kube-dns answers the ClusterIP.
-    assert (bool(link_local_failed), cluster_ip_after) == (True, {ANSWER_KUBE_DNS})
-    assert max(link_local_failed) > died + 2.0
+    time.sleep(4.0)
+    failed = sorted(t for ip in ADDRESSES for t in node.failures(ip, died + 0.3))
+    gap = failed[-1] - died if failed else 0.0
+    after = node.answers(since=died + 3.0)
+    print(f"\n[without step 3] {len(failed)} failed queries, the last {gap:.2f} s after node-cache's exit")
+    assert (bool(failed), gap < 3.0, after) == (True, True, {ANSWER_VIA_PROXY})
 
 
 def test_rollback_before_removing_node_cache(nodelocal_node: Node) -> None:
