@@ -11,9 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils dnsperf unbound dnsmasq-base iptables nftables conntrack
-  iproute2 procps python3-venv)
+  iproute2 procps python3-venv golang-go)
 # One binary per package above that proves it is installed (python3-venv is checked apart).
-NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft conntrack ip ps pgrep)
+NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft conntrack ip ps pgrep go)
 VENV=.venv
 REQUIREMENTS=(requirements.txt requirements-dev.txt)
 STAMP="$VENV/.requirements.sha256"
