@@ -1,7 +1,8 @@
 """DNS wire format at the byte level: the query walk of the hot path, the reply scan, and small built answers.
 
 dnslib is the project's general wire-format library (tests, odd records); the functions here exist
-because a cache hit must not pay for a full parse and pack.
+because a cache hit must not pay for a full parse and pack. Longer than most modules because every
+byte layout the proxy reads or writes is here, down to the answers autopath makes (cname_answer).
 """
 
 from __future__ import annotations
