@@ -102,6 +102,10 @@ class Config:
     prefetch_percent: int = 10
     prefer_positive: bool = False
     prefer_positive_grace: float = 30.0
+    autopath: bool = False
+    autopath_timeout: float = 1.0
+    cluster_domain: str = "cluster.local."
+    search: tuple[str, ...] | None = None  # None: the search line of --resolv-conf (filled in by _validate)
     config: str | None = None
 
     @property
@@ -281,6 +285,16 @@ def _zone_name(text: str) -> str:
             raise ValueError("zone must be a domain name such as cluster.local")
         zone = ".".join(labels) + "."
     return zone
+
+
+def _search_domain(text: str) -> str:
+    """One --search domain, absolute and lower case; 'none' (an explicitly empty list) gives ""."""
+    if text.strip().lower() == "none":
+        return ""
+    domain = _zone_name(text)
+    if domain == ".":
+        raise ValueError("must be a domain name such as corp.example.com, or none")
+    return domain
 
 
 def parse_forward(text: str) -> ForwardZone:
@@ -467,6 +481,26 @@ FLAGS: tuple[_Flag, ...] = (
         metavar="SECONDS",
     ),
     _Flag(
+        "autopath",
+        "when a pod's first ndots:5 search candidate (A/AAAA of NAME.NAMESPACE.svc.CLUSTER-DOMAIN) is NXDOMAIN, "
+        "answer a CNAME to the first later candidate that exists, as the pod's own search would have",
+    ),
+    _Flag(
+        "autopath_timeout",
+        "--autopath gives up (the plain NXDOMAIN) when the walk would take longer than this",
+        _positive_seconds,
+        metavar="SECONDS",
+    ),
+    _Flag("cluster_domain", "the cluster's DNS domain (the kubelet's --cluster-domain)", _zone_name, metavar="DOMAIN"),
+    _Flag(
+        "search",
+        "the node's search domains (repeatable), which pods inherit after the cluster ones; none: no domain",
+        _search_domain,
+        True,
+        "DOMAIN",
+        doc_default="the `search` line of `--resolv-conf`",
+    ),
+    _Flag(
         "config",
         "YAML file of settings (keys are flag names); flags win over it, it wins over the environment; "
         "re-read when it changes and on SIGHUP",
@@ -577,6 +611,28 @@ def read_resolv_conf_nameservers(path: str) -> list[Endpoint]:
     except OSError:
         return []
     return servers
+
+
+def read_resolv_conf_search(path: str) -> tuple[str, ...]:
+    """The search domains of a resolv.conf, absolute and lower case (the last search or domain line wins, as
+    in glibc); none for an unreadable file."""
+    domains: list[str] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0] in ("search", "domain"):
+                    domains = []
+                    for part in parts[1:]:
+                        try:
+                            domain = _zone_name(part)
+                        except ValueError:
+                            continue
+                        if domain != ".":
+                            domains.append(domain)
+    except OSError:
+        return ()
+    return tuple(domains)
 
 
 def _is_own_listen_address(upstream: Endpoint, listen: Sequence[Endpoint]) -> bool:
@@ -715,6 +771,12 @@ def _validate(config: Config) -> Config:
         raise ConfigError("--upstream-timeout must not exceed --deadline")
     if config.intercept != "none" and not config.local_ips:
         raise ConfigError(f"--intercept {config.intercept} needs --local-ip")
+    if config.cluster_domain == ".":
+        raise ConfigError("--cluster-domain must be a domain name such as cluster.local")
+    if config.search is None:
+        config = dataclasses.replace(config, search=read_resolv_conf_search(config.resolv_conf))
+    else:
+        config = dataclasses.replace(config, search=tuple(domain for domain in config.search if domain))
     upstreams = config.upstreams
     if upstreams:
         for upstream in upstreams:

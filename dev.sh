@@ -11,10 +11,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 APT_PACKAGES=(knot knot-dnsutils bind9-dnsutils dnsperf unbound dnsmasq-base iptables nftables conntrack
-  iproute2 procps python3-venv prometheus)
+  iproute2 procps python3-venv prometheus golang-go)
 # One binary per package above that proves it is installed (python3-venv is checked apart);
-# prometheus and promtool: tests/test_dashboard.py and tests/test_alerts.py.
-NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft conntrack ip ps pgrep prometheus promtool)
+# prometheus and promtool: tests/test_dashboard.py and tests/test_alerts.py; go: the Go stub
+# resolver of tests/test_autopath_lab.py.
+NEEDED_BINARIES=(knotd knotc kdig dig dnsperf unbound dnsmasq iptables nft conntrack ip ps pgrep prometheus promtool go)
 VENV=.venv
 REQUIREMENTS=(requirements.txt requirements-dev.txt)
 STAMP="$VENV/.requirements.sha256"

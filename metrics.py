@@ -81,6 +81,9 @@ class Stats:
         "prefetches",
         "negative_held",
         "recovery_refreshes",
+        "autopath_answers",
+        "autopath_skipped",
+        "autopath_abandoned",
     )
 
     def __init__(self) -> None:
@@ -100,6 +103,9 @@ class Stats:
         self.prefetches = 0
         self.negative_held = 0
         self.recovery_refreshes = 0  # background refreshes of names answered stale, once their upstream is back
+        self.autopath_answers = 0  # --autopath walks that answered a CNAME to a later search candidate
+        self.autopath_skipped = 0  # NXDOMAIN candidates those walks went past (queries the pods did not send)
+        self.autopath_abandoned = 0  # walks given up (SERVFAIL, no answer in time): the plain NXDOMAIN answered
         # How long past expiry the stalest answer of the current stale episode was (0: none).
         self.stale_max_age = 0.0
         self.queries_by_type: dict[tuple[str, int], int] = defaultdict(int)  # (proto, qtype)
@@ -214,6 +220,19 @@ class ProxyCollector:
         )
         recovery.add_metric([], s.recovery_refreshes)
         yield recovery
+
+        for name, documentation, value in (
+            ("autopath_answers", "Answers --autopath made: a CNAME to the first later search candidate that exists.",
+             s.autopath_answers),
+            ("autopath_candidates_skipped", "NXDOMAIN search candidates --autopath walked past for the pods.",
+             s.autopath_skipped),
+            ("autopath_walks_abandoned",
+             "--autopath walks given up (a candidate failed or time ran out): the plain NXDOMAIN was answered.",
+             s.autopath_abandoned),
+        ):  # fmt: skip
+            family = CounterMetricFamily(PREFIX + name, documentation)
+            family.add_metric([], value)
+            yield family
 
         upstream = CounterMetricFamily(PREFIX + "upstream_queries", "Tries sent upstream, by server, protocol, result.",
                                        labels=["upstream", "proto", "result"])  # fmt: skip

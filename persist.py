@@ -167,11 +167,12 @@ def check_record(record: Record, saved_wall: float) -> None:
     if tuple(scan.ttl_offsets) != tuple(record.ttl_offsets):
         raise CacheFileError("ttl offsets do not match the stored answer")
     key = record.key
-    # The key must be the one the stored answer's question makes, with some DO and CD bits.
+    # The key must be the one the stored answer's question makes, with some DO and CD bits (and
+    # maybe the raw mark of an upstream answer kept apart by autopath).
     if not key:
         raise CacheFileError("key does not match the stored answer")
     do, cd = wire.key_flags(key)
-    if key != wire.cache_key(reply[12 : scan.question_end], do, cd):
+    if wire.plain_key(key) != wire.cache_key(reply[12 : scan.question_end], do, cd):
         raise CacheFileError("key does not match the stored answer")
 
 

@@ -221,6 +221,7 @@ class Proxy:
             hit_ratio=round(answered_from_cache / lookups, 3) if lookups else None,
             stale_served=delta["stale_served"],
             servfail=delta["servfail"],
+            autopath_answers=delta["autopath_answers"],
             cache_entries=fresh + stale,
             cache_stale_entries=stale,
             upstreams_down=[str(s.endpoint) for g in self.upstream_groups() for s in g.servers if s.down],

@@ -18,6 +18,7 @@ import gevent
 import gevent.event
 
 import wire
+from autopath import Autopath
 from cache import AnswerCache, Entry, answer_ttl, entry_from_reply
 from config import Config
 from logs import RateLimitedLog
@@ -142,12 +143,14 @@ class Resolver:
         self.recovery_pending: dict[bytes, int] = {}
         self.recovery_running = False
         self.recovery_sent_at = -math.inf  # when the last recovery refresh was sent (the pacing)
+        self.autopath = Autopath(config, self) if config.autopath else None  # --autopath; None: off
         self.watch(router)
 
     def reconfigure(self, config: Config, router: Router) -> None:
         """Swap in a reloaded Config and its routes; nothing here yields, so no query sees half of it."""
         self.router = router
         self.prefetch_window = prefetch_window(config)
+        self.autopath = Autopath(config, self, self.autopath) if config.autopath else None
         self.config = config
         self.watch(router)
 
@@ -230,7 +233,8 @@ class Resolver:
     # -- the full path ---------------------------------------------------------------------------
 
     def resolve(self, query: wire.Query, max_size: int) -> tuple[bytes, str]:
-        """The answer and how it was found: hit, stale (the entry was stale on arrival), miss or local.
+        """The answer and how it was found: hit, stale (the entry was stale on arrival), miss, local or
+        autopath (a pod's search path walked for it: autopath.py).
 
         Never raises for upstream trouble: the answer is then stale or SERVFAIL.
         """
@@ -238,6 +242,15 @@ class Resolver:
             # RFC 6761 §6.4: never sent upstream. Also what the health checks ask, so they do not
             # depend on kube-dns.
             return wire.error_response(query.wire, wire.NXDOMAIN, query), "local"
+        autopath = self.autopath
+        if autopath is not None:
+            plan = autopath.plan(query)  # None unless A/AAAA of a pod's first search candidate
+            if plan is not None:
+                return autopath.resolve(query, plan, max_size)
+        return self.resolve_plain(query, max_size)
+
+    def resolve_plain(self, query: wire.Query, max_size: int) -> tuple[bytes, str]:
+        """resolve() without --autopath: the cache entry of query.key, fresh, stale or fetched."""
         now = self.timer()
         entry = self.cache.lookup(query.key)
         if entry is not None:
@@ -468,6 +481,29 @@ class Resolver:
         entry.retry_after = now + self.config.failure_recheck
         if self._fetch(query) is not None:
             self.stats.prefetches += 1
+
+    def fresh_entry(self, key: bytes, deadline: float) -> Entry | None:
+        """A fresh NOERROR or NXDOMAIN for key by the monotonic deadline, from the cache or fetched (joined if
+        in flight); None for SERVFAIL or REFUSED, no reply in time, every server down, or a refresh that
+        failed less than --failure-recheck ago. What --autopath asks for each later search candidate.
+        """
+        entry = self.cache.lookup(key)
+        now = self.timer()
+        if entry is not None:
+            if entry.expires_at > now:
+                return entry
+            if entry.retry_after > now:
+                return None  # RFC 8767 §5: a refresh failed recently
+        if self.router.route_for(key).upstreams.all_down():
+            return None
+        pending = self._fetch_key(key, wire.key_question_wire(key), *wire.key_flags(key))
+        if pending is None:  # the background pool is full
+            return None
+        pending.wait(max(0.0, deadline - now))  # on timeout the fetch goes on and is stored for the next walk
+        fresh = self._usable(pending)
+        if fresh is None and entry is not None and pending.ready():
+            entry.retry_after = self.timer() + self.config.failure_recheck
+        return fresh
 
     def _fetch(self, query: wire.Query) -> gevent.event.AsyncResult | None:
         """The pending upstream answer for this key: joined if one is in flight, else started in the

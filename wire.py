@@ -1,7 +1,8 @@
 """DNS wire format at the byte level: the query walk of the hot path, the reply scan, and small built answers.
 
 dnslib is the project's general wire-format library (tests, odd records); the functions here exist
-because a cache hit must not pay for a full parse and pack.
+because a cache hit must not pay for a full parse and pack. Longer than most modules because every
+byte layout the proxy reads or writes is here, down to the answers autopath makes (cname_answer).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FLAG_CD = 0x0010
 
 KEY_DO = 2
 KEY_CD = 1
+KEY_RAW = 4  # the upstream's own answer for a name whose plain key holds what autopath answers (autopath.py)
 
 MAX_UDP_NO_EDNS = 512  # RFC 1035 §2.3.4
 OUR_EDNS_PAYLOAD = 1232  # DNS flag day 2020; also what we advertise upstream (RFC 6891 §6.2.5)
@@ -275,6 +277,16 @@ def key_flags(key: bytes) -> tuple[bool, bool]:
     return bool(key[-1] & KEY_DO), bool(key[-1] & KEY_CD)
 
 
+def raw_key(key: bytes) -> bytes:
+    """The key of the upstream's own answer for the question of `key` (autopath keeps both apart)."""
+    return key[:-1] + bytes((key[-1] | KEY_RAW,))
+
+
+def plain_key(key: bytes) -> bytes:
+    """The key without the raw mark: what a client's question makes."""
+    return key[:-1] + bytes((key[-1] & ~KEY_RAW,))
+
+
 def name_to_wire(name: str) -> bytes:
     """The lower-cased wire form of a dotted name ("" and "." are the root); ValueError for a bad name.
 
@@ -430,3 +442,93 @@ def scan_reply(wire: bytes) -> ReplyScan:
     if pos != n:
         raise WireError("trailing bytes after the last record")
     return scan
+
+
+# What an autopath answer copies from the reply of the candidate it found (cname_answer): records
+# whose rdata holds no name or one never compressed (DNAME: RFC 6672 §2.5; RRSIG, NSEC: RFC 4034
+# §3.1.7, §4.1.1; NSEC3 holds hashes), and those with a name, expanded, after N fixed octets.
+_COPIED_AS_IS = frozenset({1, 28, 39, 46, 47, 50})
+_NAME_AFTER = {QTYPE_CNAME: 0, QTYPE_NS: 0, 12: 0, 15: 2}
+
+
+def expand_name(message: bytes, pos: int) -> tuple[bytes, int]:
+    """The name at pos in uncompressed wire form (case kept) and the offset just past it where it is written."""
+    out = bytearray()
+    end: int | None = None
+    jumps = 0
+    n = len(message)
+    while True:
+        if pos >= n:
+            raise WireError("name runs past the end")
+        length = message[pos]
+        if length == 0:
+            out.append(0)
+            return bytes(out), pos + 1 if end is None else end
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > n or jumps >= 64:
+                raise WireError("bad compression pointer")
+            if end is None:
+                end = pos + 2
+            pos = ((length & 0x3F) << 8) | message[pos + 1]
+            jumps += 1
+            continue
+        if length & 0xC0:
+            raise WireError("unknown label type")
+        if pos + 1 + length > n:
+            raise WireError("name runs past the end")
+        out += message[pos : pos + 1 + length]
+        if len(out) > 254:
+            raise WireError("name longer than 255 octets")
+        pos += length + 1
+
+
+def _expanded_rdata(message: bytes, rtype: int, start: int, end: int) -> bytes:
+    """The rdata of one record with its names uncompressed; WireError for a type whose layout we do not know."""
+    if rtype in _COPIED_AS_IS:
+        return message[start:end]
+    if rtype == QTYPE_SOA:
+        mname, pos = expand_name(message, start)
+        rname, pos = expand_name(message, pos)
+        if end - pos != 20:
+            raise WireError("SOA rdata has the wrong length")
+        return mname + rname + message[pos:end]
+    fixed = _NAME_AFTER.get(rtype)
+    if fixed is None:
+        raise WireError(f"type {rtype} is not copied into an autopath answer")
+    name, pos = expand_name(message, start + fixed)
+    if pos != end:
+        raise WireError("name in rdata does not end the rdata")
+    return message[start : start + fixed] + name
+
+
+def cname_answer(question: bytes, target: bytes, reply: bytes) -> bytes:
+    """An answer to `question` (an uncompressed question): a CNAME to `target`, then the reply to `target`.
+
+    The reply's answer and authority records follow the CNAME as they are (a CNAME chain at the
+    target is kept; a NODATA reply gives the CNAME alone and the reply's SOA in authority, RFC 2308
+    §2.2); its additional records are left out. Every name is written uncompressed, so no pointer
+    of the reply can land on the wrong bytes; the CNAME's owner points at the question (offset 12).
+    TTLs are the reply's: the cache entry made of this answer sets them all. No OPT: it is added
+    per client. WireError if the reply holds a record whose names we cannot place.
+    """
+    n = len(reply)
+    _, _, _, ancount, nscount, _ = _HEADER.unpack_from(reply, 0)
+    pos = question_end(reply)
+    records = []
+    for _ in range(ancount + nscount):
+        owner, pos = expand_name(reply, pos)
+        if pos + 10 > n:
+            raise WireError("record runs past the end")
+        rtype, rclass, ttl, rdlength = _RR_FIXED.unpack_from(reply, pos)
+        start, pos = pos + 10, pos + 10 + rdlength
+        if pos > n:
+            raise WireError("rdata runs past the end")
+        rdata = _expanded_rdata(reply, rtype, start, pos)
+        records.append(owner + _RR_FIXED.pack(rtype, rclass, ttl, len(rdata)) + rdata)
+    qclass = _U16.unpack_from(question, len(question) - 2)[0]
+    cname = b"\xc0\x0c" + _RR_FIXED.pack(QTYPE_CNAME, qclass, 0, len(target)) + target
+    header = _HEADER.pack(0, FLAG_QR | FLAG_RD | FLAG_RA, 1, 1 + ancount, nscount, 0)
+    message = header + question + cname + b"".join(records)
+    if len(message) > 65535:
+        raise WireError("answer longer than a DNS message")
+    return message

@@ -133,7 +133,7 @@ class TestCheckRecord:
             ({"ttl_offsets": (9999,)}, "offsets"),
             ({"ttl_offsets": ()}, "offsets"),
             ({"key": b"\x03foo\x00\x00\x01\x00\x01\x00"}, "key"),
-            ({"key": make_record().key[:-1] + b"\x07"}, "key"),
+            ({"key": make_record().key[:-1] + b"\x08"}, "key"),  # a flag bit beyond DO, CD and the raw mark
         ],
         ids=["ttl", "nan-expiry", "expiry-past-ttl", "short-wire", "offset-out", "offsets-missing", "key", "key-bits"],
     )
