@@ -127,14 +127,18 @@ def _knot_binary(name: str) -> str:
     return found
 
 
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class KnotServer:
     """Knot DNS (knotd) serving ZONE_RECORDS on 127.0.0.1 only, run and stopped by PID."""
 
     zones = (CLUSTER_ZONE, REVERSE_ZONE)
 
-    def __init__(self, workdir: str | os.PathLike[str] | None = None) -> None:
-        """Prepare a server whose config, zones and run dir live in workdir or a temp dir."""
-        self.host = HOST
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, host: str = HOST) -> None:
+        """Prepare a server on ``host`` (127.0.0.1 or ::1); config, zones and run dir go in workdir or a temp dir."""
+        self.host = host
         self.port = 0
         self._own_workdir = workdir is None
         if workdir is None:
@@ -149,8 +153,8 @@ class KnotServer:
 
     @property
     def address(self) -> str:
-        """Return "127.0.0.1:PORT"."""
-        return f"{self.host}:{self.port}"
+        """Return "127.0.0.1:PORT" or "[::1]:PORT"."""
+        return _host_port(self.host, self.port)
 
     @property
     def pid(self) -> int | None:
@@ -383,11 +387,12 @@ class FakeUpstream:
         neg_ttl: int = 30,
         delay: float = 1.0,
         records: dict[tuple[str, str], list[RecordSpec]] | None = None,
+        host: str = HOST,
     ) -> None:
-        """Prepare an upstream; start() binds a free port."""
+        """Prepare an upstream on ``host`` (127.0.0.1 or ::1); start() binds a free port."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}")
-        self.host = HOST
+        self.host = host
         self.port = 0
         self.ttl = ttl
         self.neg_ttl = neg_ttl
@@ -408,8 +413,8 @@ class FakeUpstream:
 
     @property
     def address(self) -> str:
-        """Return "127.0.0.1:PORT"."""
-        return f"{self.host}:{self.port}"
+        """Return "127.0.0.1:PORT" or "[::1]:PORT"."""
+        return _host_port(self.host, self.port)
 
     # -- lifecycle --
 
@@ -462,8 +467,9 @@ class FakeUpstream:
         self.stop()
 
     def _open_sockets(self) -> None:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
         try:
             # No SO_REUSEADDR on UDP: a second process must not be able to share the port.
             udp.bind((self.host, self.port))
