@@ -225,11 +225,12 @@ def _intercept_mode(text: str) -> str:
     return mode
 
 
-def _ipv4(text: str) -> str:
+def _local_ip(text: str) -> str:
+    # IPv4 or IPv6, without brackets or prefix length (the address itself goes on the node).
     try:
-        return str(ipaddress.IPv4Address(text.strip()))
+        return str(ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]")))
     except ValueError:
-        raise ValueError("must be an IPv4 address") from None
+        raise ValueError("must be an IPv4 or IPv6 address") from None
 
 
 def _non_negative_count(text: str) -> int:
@@ -416,8 +417,9 @@ FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag(
         "local_ips",
-        "address put on the node for interception (repeatable): the link-local IP, then the kube-dns ClusterIP",
-        _ipv4,
+        "address put on the node for interception (repeatable): the link-local IP, then the kube-dns ClusterIP;"
+        " IPv6 ones (e.g. fd00::10, then the IPv6 ClusterIP) too, for IPv6 and dual-stack",
+        _local_ip,
         True,
         "IP",
     ),

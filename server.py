@@ -30,6 +30,7 @@ TCP_PIPELINE = 16  # queries of one TCP connection handled at once (RFC 7766 §6
 FIRST_QUERY_WAIT = 0.5  # at shutdown, how long a new TCP connection still gets to send its first query
 MAX_ACCESS_DECISIONS = 65536  # client addresses whose --allow decision is remembered
 IP_FREEBIND = 15  # linux/in.h: bind an address the node does not have yet
+IPV6_FREEBIND = 78  # linux/in6.h (Linux 4.15+): the same for an IPv6 socket
 
 
 class AccessList:
@@ -352,9 +353,9 @@ def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.soc
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if freebind and family == socket.AF_INET:
-            udp.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            tcp.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if freebind:
+            for sock in (udp, tcp):
+                _set_freebind(sock, family)
         udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         udp.bind(address)
         tcp.bind((endpoint.host, udp.getsockname()[1]))
@@ -364,6 +365,16 @@ def bind_sockets(endpoint: Endpoint, freebind: bool = False) -> tuple[socket.soc
         tcp.close()
         raise
     return udp, tcp
+
+
+def _set_freebind(sock: socket.socket, family: int) -> None:
+    if family == socket.AF_INET6:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            return
+        except OSError:
+            pass  # before Linux 4.15: IP_FREEBIND also applies to an IPv6 socket
+    sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
 
 
 def bind_loopback_udp() -> socket.socket:

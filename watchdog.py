@@ -94,8 +94,9 @@ def probe(address: tuple[str, int], qname: str, timeout: float) -> Outcome:
     """Send one query over UDP; tell whether a reply with our ID came back within ``timeout``, and if not, why."""
     qid = secrets.randbelow(0x10000)
     deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
             # connect() so an ICMP port unreachable (nothing bound) fails at once: ECONNREFUSED.
             sock.connect(address)
             sock.send(wire.self_query(qid, qname))
@@ -300,7 +301,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_host_port,
         required=probe_default is None,
         default=probe_default,
-        help="address of the proxy to query, HOST:PORT (e.g. 169.254.20.10:53)",
+        help="address of the proxy to query, HOST:PORT or [V6]:PORT (e.g. 169.254.20.10:53, [fd00::10]:53)",
     )
     parser.add_argument(
         "--interval",
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info(
         "watchdog_started",
-        probe=f"{args.probe[0]}:{args.probe[1]}",
+        probe=f"[{args.probe[0]}]:{args.probe[1]}" if ":" in args.probe[0] else f"{args.probe[0]}:{args.probe[1]}",
         interval=args.interval,
         failures=args.failures,
         timeout=args.timeout,

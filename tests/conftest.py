@@ -43,6 +43,9 @@ KIND_OF_FIXTURE = {
     "answering": "e2e",
     "closed_port": "e2e",
     "lab": "netns",
+    # test_ipv6.py
+    "upstream6": "e2e",
+    "lab6": "netns",
     # test_upgrade.py
     "loopback": "e2e",
     "intercepted": "netns",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import dns.message
 import dns.query
 import dns.rcode
 import pytest
+import structlog
 
+import netsetup
+import test_netsetup as tn
 from conftest import dig, query
 from servers import FakeUpstream, KnotServer, free_port
 
@@ -79,3 +83,270 @@ class TestServeOnIPv6Loopback:
         with pytest.raises((dns.exception.Timeout, ConnectionRefusedError)):
             dns.query.udp(message, "127.0.0.1", port=port, timeout=0.5)
         assert query(f"[::1]:{port}", "svc.default.svc.cluster.local").rcode() == dns.rcode.NOERROR
+
+
+LOCAL6 = "fd00::10"
+CLUSTER6 = "fd00:10:96::a"
+LOCAL4 = "169.254.20.10"
+CLUSTER4 = "169.254.96.10"
+
+
+class TestIPv6InterceptSpec:
+    """InterceptSpec with IPv6 and dual-stack local IPs (no root needed)."""
+
+    def test_ipv6_nodelocal_rules_are_ip6tables_rules_on_128s(self) -> None:
+        """An IPv6 local IP gets node-cache's 10 rules in the IPv6 tables, matching its /128."""
+        spec = netsetup.InterceptSpec(mode="nodelocal", local_ips=(LOCAL6, CLUSTER6))
+        rules = spec.rules()
+        assert len(rules) == 20
+        assert {rule.family for rule in rules} == {6}
+        assert {rule.match[1] for rule in rules} == {f"{LOCAL6}/128", f"{CLUSTER6}/128"}
+
+    def test_dual_stack_nodelocal_has_both_families(self) -> None:
+        """v4 and v6 local IPs together give the same rule set in each family."""
+        spec = netsetup.InterceptSpec(mode="nodelocal", local_ips=(LOCAL4, CLUSTER4, LOCAL6, CLUSTER6))
+        rules = spec.rules()
+        assert sum(rule.family == 4 for rule in rules) == sum(rule.family == 6 for rule in rules) == 20
+        assert spec.wanted_addresses() == (LOCAL4, CLUSTER4, LOCAL6, CLUSTER6)
+
+    def test_ipv6_dnat_targets_the_first_ipv6_local_ip(self) -> None:
+        """dnat mode redirects the IPv6 ClusterIP to [first IPv6 local IP]:port in the IPv6 nat table."""
+        spec = netsetup.InterceptSpec(mode="dnat", local_ips=(LOCAL6, CLUSTER6))
+        assert {rule.target for rule in spec.rules()} == {("DNAT", "--to-destination", f"[{LOCAL6}]:53")}
+        assert {rule.family for rule in spec.rules()} == {6}
+        assert spec.wanted_addresses() == (LOCAL6,)
+
+    def test_dual_stack_dnat_targets_per_family(self) -> None:
+        """Each family's ClusterIPs go to that family's local IP; no rule crosses families."""
+        spec = netsetup.InterceptSpec(mode="dnat", local_ips=(LOCAL4, CLUSTER4, LOCAL6, CLUSTER6))
+        pairs = {(rule.match[1], rule.target[-1]) for rule in spec.rules()}
+        assert pairs == {(f"{CLUSTER4}/32", f"{LOCAL4}:53"), (f"{CLUSTER6}/128", f"[{LOCAL6}]:53")}
+        assert spec.cluster_ips == (CLUSTER4, CLUSTER6)
+
+    def test_explicit_ipv6_dnat_target_with_brackets(self) -> None:
+        """dnat_target [addr]:port is parsed for the IPv6 family."""
+        spec = netsetup.InterceptSpec(mode="dnat", local_ips=(LOCAL6, CLUSTER6), dnat_target=f"[{LOCAL6}]:5353")
+        assert spec.target_for(6) == (LOCAL6, 5353)
+
+    def test_ipv6_loopback_dnat_target_rejected(self) -> None:
+        """A ::1 dnat target is refused with the reason: IPv6 has no route_localnet."""
+        with pytest.raises(netsetup.InterceptError, match="route_localnet"):
+            netsetup.InterceptSpec(mode="dnat", local_ips=(LOCAL6, CLUSTER6), dnat_target="[::1]:53")
+
+    def test_dnat_needs_a_cluster_ip_in_each_family(self) -> None:
+        """A lone IPv6 address next to IPv4 ones is neither a target nor a ClusterIP: refused."""
+        with pytest.raises(netsetup.InterceptError, match="IPv6 ClusterIP"):
+            netsetup.InterceptSpec(mode="dnat", local_ips=(LOCAL4, CLUSTER4, LOCAL6))
+
+    def test_ipv6_address_metric_is_stable_and_per_tag(self) -> None:
+        """The metric that marks our IPv6 addresses depends on the tag only, and fits a u32."""
+        assert netsetup.address_metric("kube-dns-proxy") == netsetup.address_metric("kube-dns-proxy")
+        assert netsetup.address_metric("a") != netsetup.address_metric("b")
+        assert 0 < netsetup.address_metric("kube-dns-proxy") < 2**32
+
+
+# -- the IPv6 namespace lab: pod -> node -> kube-dns over IPv6, fd00::/8 addresses only -------------
+
+POD6 = "fd00:100::2"
+NODE_POD_SIDE6 = "fd00:100::1"
+NODE_UP_SIDE6 = "fd00:101::1"
+KUBE_DNS_ENDPOINT6 = "fd00:101::2"
+UPSTREAM_ENDPOINT6 = "fd00:101::3"
+CLUSTER_IP6 = "fd00:96::a"  # stands in for the IPv6 kube-dns ClusterIP (e.g. fd00:10:96::a)
+UPSTREAM_SERVICE_IP6 = "fd00:96::b"
+# The node-local IPv6 address: the operator's choice (no well-known one exists, unlike 169.254.20.10).
+LOCAL_IP6 = "fd00::10"
+
+
+class Lab6(tn.Lab):
+    """The IPv4 lab's three namespaces wired over IPv6; answers are A records naming who answered."""
+
+    def setup(self) -> None:
+        """Create namespaces, IPv6 links and routes, the pod's IPv6 resolv.conf and a kube-proxy stand-in."""
+        for ns in (self.pod, self.node, self.up):
+            tn._run(["ip", "netns", "add", ns])
+            self.created.append(ns)
+            tn._run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        self.write_resolv_conf()
+        commands = [
+            ["-n", self.node, "link", "add", "n0", "type", "veth", "peer", "name", "p0", "netns", self.pod],
+            ["-n", self.node, "link", "add", "n1", "type", "veth", "peer", "name", "u0", "netns", self.up],
+            # nodad: usable at once instead of "tentative" for a second.
+            ["-n", self.node, "-6", "addr", "add", f"{NODE_POD_SIDE6}/64", "dev", "n0", "nodad"],
+            ["-n", self.pod, "-6", "addr", "add", f"{POD6}/64", "dev", "p0", "nodad"],
+            ["-n", self.node, "-6", "addr", "add", f"{NODE_UP_SIDE6}/64", "dev", "n1", "nodad"],
+            ["-n", self.up, "-6", "addr", "add", f"{KUBE_DNS_ENDPOINT6}/64", "dev", "u0", "nodad"],
+            ["-n", self.up, "-6", "addr", "add", f"{UPSTREAM_ENDPOINT6}/64", "dev", "u0", "nodad"],
+            ["-n", self.node, "link", "set", "n0", "up"],
+            ["-n", self.node, "link", "set", "n1", "up"],
+            ["-n", self.pod, "link", "set", "p0", "up"],
+            ["-n", self.up, "link", "set", "u0", "up"],
+            ["-n", self.pod, "-6", "route", "add", "fd00:96::/64", "via", NODE_POD_SIDE6],
+            ["-n", self.pod, "-6", "route", "add", f"{LOCAL_IP6}/128", "via", NODE_POD_SIDE6],
+            ["-n", self.node, "-6", "route", "add", "fd00:96::/64", "via", KUBE_DNS_ENDPOINT6],
+            ["-n", self.up, "-6", "route", "add", "fd00:100::/64", "via", NODE_UP_SIDE6],
+        ]
+        for args in commands:
+            tn._run(["ip", *args])
+        self.sh(self.node, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+        self.sh(self.node, "ip6tables", "-w", "5", "-t", "nat", "-N", "KUBE-SERVICES")
+        for service_ip, endpoint in ((CLUSTER_IP6, KUBE_DNS_ENDPOINT6), (UPSTREAM_SERVICE_IP6, UPSTREAM_ENDPOINT6)):
+            for proto in ("udp", "tcp"):
+                self.sh(
+                    self.node,
+                    *("ip6tables", "-w", "5", "-t", "nat", "-A", "KUBE-SERVICES", "-d", f"{service_ip}/128"),
+                    *("-p", proto, "-m", proto, "--dport", "53", "-j", "DNAT", "--to-destination", f"[{endpoint}]:53"),
+                )
+        for chain in ("PREROUTING", "OUTPUT"):
+            self.sh(self.node, "ip6tables", "-w", "5", "-t", "nat", "-I", chain, "1", "-j", "KUBE-SERVICES")
+        self.respond(
+            self.up,
+            "kube-dns",
+            f"[{KUBE_DNS_ENDPOINT6}]:53={tn.ANSWER_KUBE_DNS}",
+            f"[{UPSTREAM_ENDPOINT6}]:53={tn.ANSWER_VIA_PROXY}",
+        )
+
+    def write_resolv_conf(self, tcp: bool = False) -> None:
+        """Give every namespace an IPv6 nameserver line (the pod's: the ClusterIP); ``tcp``: glibc's use-vc."""
+        for ns, nameserver in (
+            (self.pod, CLUSTER_IP6),
+            (self.node, UPSTREAM_SERVICE_IP6),
+            (self.up, UPSTREAM_SERVICE_IP6),
+        ):
+            etc = Path("/etc/netns") / ns
+            etc.mkdir(parents=True, exist_ok=True)
+            options = "timeout:1 attempts:2" + (" use-vc" if tcp else "")
+            (etc / "resolv.conf").write_text(f"nameserver {nameserver}\noptions {options}\n")
+
+    def getent(self, qname: str) -> str:
+        """Return the first address glibc's getaddrinfo (``getent ahosts``) finds in the pod over its IPv6 nameserver.
+
+        The pod has no IPv4 address, so glibc prints the A answer v4-mapped (AI_V4MAPPED): ::ffff:169.254.0.x,
+        returned here without the prefix.  (``ahostsv4`` finds nothing: AI_ADDRCONFIG, no IPv4 configured.)
+        """
+        proc = self.sh(self.pod, "getent", "ahosts", qname, check=False)
+        if not proc.stdout.split():
+            return f"error:rc={proc.returncode}"
+        return proc.stdout.split()[0].removeprefix("::ffff:")
+
+    def tagged(self) -> list[str]:
+        """Return every IPv4 or IPv6 rule and address of ours in the node namespace."""
+        found = []
+        for save in ("iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save"):
+            for line in self.sh(self.node, save).stdout.splitlines():
+                if f"--comment {tn.TAG}" in line:
+                    found.append(f"{save}: {line}")
+        metric = netsetup.address_metric(tn.TAG)
+        for link in json.loads(self.sh(self.node, "ip", "-j", "-d", "addr", "show").stdout):
+            if link.get("ifalias") == tn.TAG:
+                found.append(f"interface {link['ifname']}")
+            for info in link.get("addr_info", []):
+                if info.get("metric") == metric or info.get("local") in (LOCAL_IP6, CLUSTER_IP6):
+                    found.append(f"address {info['local']} on {link['ifname']}")
+        return found
+
+    def count_rules6(self) -> int:
+        """Return how many IPv6 rules with our tag the node has (system ip6tables)."""
+        out = self.sh(self.node, "ip6tables-save").stdout
+        return sum(f"--comment {tn.TAG}" in line for line in out.splitlines())
+
+
+@pytest.fixture
+def lab6(tmp_path: Path) -> Iterator[Lab6]:
+    """Provide a fresh IPv6 pod/node/upstream lab, deleted afterwards even on failure."""
+    the_lab = Lab6(tmp_path)
+    try:
+        the_lab.setup()
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+def lookup6(lab: Lab6, transport: str, qname: str) -> str:
+    """Resolve qname from the pod through the IPv6 ClusterIP: dig over UDP or TCP, or glibc over UDP or TCP."""
+    if transport.startswith("glibc"):
+        lab.write_resolv_conf(tcp=transport == "glibc-tcp")
+        return lab.getent(qname)
+    return lab.dig(CLUSTER_IP6, qname, tcp=transport == "tcp", timeout=3)
+
+
+TRANSPORTS6 = ["udp", "tcp", "glibc-udp", "glibc-tcp"]
+
+
+def interceptor6(lab: Lab6, mode: str) -> netsetup.Interceptor:
+    """Return an Interceptor for the IPv6 lab whose commands run in its node namespace."""
+    spec = netsetup.InterceptSpec(
+        mode=mode, local_ips=(LOCAL_IP6, CLUSTER_IP6), health_port=tn.HEALTH_PORT if mode == "nodelocal" else None
+    )
+    return netsetup.Interceptor(spec, structlog.get_logger().bind(test_lab=lab.node), runner=lab.runner(lab.node))
+
+
+def intercept6(lab: Lab6, mode: str) -> netsetup.Interceptor:
+    """Start the stand-in where the mode's proxy listens, then leftovers, addresses, rules."""
+    if mode == "nodelocal":
+        lab.respond(
+            lab.node, "stand-in", f"[{LOCAL_IP6}]:53={tn.ANSWER_LOCAL}", f"[{CLUSTER_IP6}]:53={tn.ANSWER_LOCAL}"
+        )
+    else:
+        lab.respond(lab.node, "stand-in", f"[{LOCAL_IP6}]:53={tn.ANSWER_LOCAL}")
+    interceptor = interceptor6(lab, mode)
+    interceptor.remove_leftovers()
+    interceptor.add_addresses()
+    interceptor.install_rules()
+    return interceptor
+
+
+MODES = ["nodelocal", "dnat"]
+
+
+@pytest.mark.timeout(120)
+class TestIPv6Interception:
+    """netsetup.Interceptor with IPv6 addresses in the namespace lab."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("transport", TRANSPORTS6)
+    def test_cluster_ip_answered_locally(self, lab6: Lab6, mode: str, transport: str) -> None:
+        """The pod's queries to the IPv6 ClusterIP are answered on the node, then by kube-dns after teardown."""
+        assert lookup6(lab6, transport, "before.example") == tn.ANSWER_KUBE_DNS
+        interceptor = intercept6(lab6, mode)
+        assert lookup6(lab6, transport, "during.example") == tn.ANSWER_LOCAL
+        interceptor.teardown()
+        assert lookup6(lab6, transport, "after.example") == tn.ANSWER_KUBE_DNS
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_nothing_tagged_left_after_teardown(self, lab6: Lab6, mode: str) -> None:
+        """Teardown removes every IPv6 rule and address of ours (ip6tables-save shows no tag)."""
+        interceptor = intercept6(lab6, mode)
+        assert lab6.tagged() != []
+        interceptor.teardown()
+        assert lab6.tagged() == []
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_check_and_sync_restore_ipv6_rules_and_address(self, lab6: Lab6, mode: str) -> None:
+        """check() names a flushed IPv6 table and a removed /128; sync() restores both."""
+        interceptor = intercept6(lab6, mode)
+        assert interceptor.check() == []
+        table = "raw" if mode == "nodelocal" else "nat"
+        chain = "PREROUTING"
+        lab6.sh(lab6.node, "ip6tables", "-w", "5", "-t", table, "-F", chain)
+        lab6.sh(lab6.node, "ip", "-6", "addr", "del", f"{LOCAL_IP6}/128", "dev", "lo", check=False)
+        lab6.sh(lab6.node, "ip", "-6", "addr", "del", f"{LOCAL_IP6}/128", "dev", "nodelocaldns", check=False)
+        missing = interceptor.check()
+        assert f"address {LOCAL_IP6}/128" in missing
+        assert any(item.startswith(f"ip6 {table} {chain}") for item in missing)
+        assert interceptor.sync() != []
+        assert interceptor.check() == []
+        if mode == "nodelocal":
+            assert lookup6(lab6, "udp", "synced.example") == tn.ANSWER_LOCAL
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_leftovers_of_a_dead_instance_removed(self, lab6: Lab6, mode: str) -> None:
+        """A fresh Interceptor (after kill -9) removes the IPv6 rules and addresses a previous one left."""
+        intercept6(lab6, mode)
+        interceptor6(lab6, mode).remove_leftovers()
+        assert lab6.tagged() == []
+        # Even one configured for IPv4 only finds them: a restart with another configuration cleans up.
+        intercept6(lab6, mode)
+        v4_only = netsetup.InterceptSpec(mode="nodelocal", local_ips=(tn.LINK_LOCAL,))
+        netsetup.Interceptor(v4_only, structlog.get_logger(), runner=lab6.runner(lab6.node)).remove_leftovers()
+        assert lab6.tagged() == []

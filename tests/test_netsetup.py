@@ -63,6 +63,7 @@ ANSWER_LOCAL = "169.254.0.2"
 ANSWER_VIA_PROXY = "169.254.0.3"
 
 IP_FREEBIND = 15  # linux/in.h; not exported by Python 3.11's socket module
+IPV6_FREEBIND = 78  # linux/in6.h
 OUTAGE_GOAL = 2.0
 
 
@@ -115,17 +116,24 @@ def _serve_tcp(sock: socket.socket, answer_ip: str) -> None:
 
 
 def respond(pairs: list[str]) -> None:
-    """Answer A queries on each ADDRESS[:PORT]=ANSWER pair, UDP and TCP, until killed."""
+    """Answer A queries on each ADDRESS[:PORT]=ANSWER ([V6]:PORT=ANSWER) pair, UDP and TCP, until killed."""
     for pair in pairs:
         address, answer_ip = pair.split("=")
-        host, _, port = address.partition(":")
+        if address.startswith("["):
+            host, _, port = address[1:].partition("]:")
+        else:
+            host, _, port = address.partition(":")
         bind = (host, int(port or 53))
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        tcp = socket.socket(family, socket.SOCK_STREAM)
         for sock in (udp, tcp):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # Like the proxy: bind before the address is on the interface.
-            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
             sock.bind(bind)
         tcp.listen(16)
         threading.Thread(target=_serve_udp, args=(udp, answer_ip), daemon=True).start()
@@ -138,7 +146,7 @@ def query_once(server: str, qname: str, timeout: float) -> str:
     """Return the first A address of one UDP query on a fresh socket, or 'error:<reason>'."""
     query = dnslib.DNSRecord.question(qname, "A")
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.settimeout(timeout)
             sock.connect((server, 53))
             sock.send(query.pack())
@@ -445,10 +453,10 @@ class TestInterceptSpec:
         with pytest.raises(netsetup.InterceptError, match="mode"):
             netsetup.InterceptSpec(mode="redirect", local_ips=(LINK_LOCAL,))
 
-    def test_ipv6_local_ip_rejected(self) -> None:
-        """An IPv6 local IP raises InterceptError rather than being half handled."""
-        with pytest.raises(netsetup.InterceptError, match="IPv4"):
-            netsetup.InterceptSpec(mode="nodelocal", local_ips=("fd00::10",))
+    def test_ipv6_link_local_local_ip_rejected(self) -> None:
+        """An fe80:: local IP raises InterceptError: a resolv.conf line cannot name its zone."""
+        with pytest.raises(netsetup.InterceptError, match="zone"):
+            netsetup.InterceptSpec(mode="nodelocal", local_ips=("fe80::10",))
 
     def test_loopback_local_ip_rejected_in_nodelocal(self) -> None:
         """nodelocal refuses a loopback local IP, which teardown would remove from lo."""
