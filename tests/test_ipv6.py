@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -350,3 +353,75 @@ class TestIPv6Interception:
         v4_only = netsetup.InterceptSpec(mode="nodelocal", local_ips=(tn.LINK_LOCAL,))
         netsetup.Interceptor(v4_only, structlog.get_logger(), runner=lab6.runner(lab6.node)).remove_leftovers()
         assert lab6.tagged() == []
+
+
+def proxy_argv6(mode: str) -> list[str]:
+    """Return the proxy command line for an IPv6-only node, with the lab's addresses."""
+    argv = [sys.executable, str(tn.ROOT / "proxy.py"), "--listen", f"[{LOCAL_IP6}]:53"]
+    if mode == "nodelocal":
+        argv += ["--listen", f"[{CLUSTER_IP6}]:53"]
+    return [
+        *argv,
+        *("--intercept", mode, "--local-ip", LOCAL_IP6, "--local-ip", CLUSTER_IP6),
+        *("--upstream", f"[{UPSTREAM_SERVICE_IP6}]:53", "--http", f"[{LOCAL_IP6}]:{tn.HEALTH_PORT}"),
+        *("--sync-interval", "1", "--log-queries", "--log-level", "debug"),
+    ]
+
+
+def start_proxy6(lab: Lab6, mode: str, name: str = "proxy") -> Any:
+    """Start proxy.py in the node namespace; wait until the pod is answered through it over IPv6."""
+    proxy = lab.start(lab.node, name, [*proxy_argv6(mode), "--state-dir", str(lab.workdir / "state")])
+
+    def answered() -> bool:
+        if proxy.poll() is not None:
+            raise AssertionError(f"proxy.py exited: {proxy.log_path.read_text()[-2000:]}")
+        return lab.dig(CLUSTER_IP6, "ready.example") == tn.ANSWER_VIA_PROXY
+
+    tn.wait_for(answered, 15, f"the pod is answered through proxy.py ({proxy.log_path})")
+    tn.wait_for(lambda: '"event": "serving"' in proxy.log_path.read_text(), 15, "proxy.py logs serving")
+    return proxy
+
+
+@pytest.mark.timeout(120)
+class TestIPv6ProxyEndToEnd:
+    """proxy.py --intercept MODE on an IPv6-only node, with the watchdog probing over IPv6."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("transport", TRANSPORTS6)
+    def test_pod_lookups_go_through_the_proxy(self, lab6: Lab6, mode: str, transport: str) -> None:
+        """The pod's IPv6 lookups are answered through the proxy, which forwards to the IPv6 upstream Service."""
+        proxy = start_proxy6(lab6, mode)
+        qname = f"{transport}-{mode}.example"
+        assert (lookup6(lab6, transport, qname), qname in proxy.log_path.read_text()) == (tn.ANSWER_VIA_PROXY, True)
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_sigterm_falls_back_and_leaves_nothing_tagged(self, lab6: Lab6, mode: str) -> None:
+        """After SIGTERM kube-dns answers over IPv6 and no rule or address of ours is left."""
+        proxy = start_proxy6(lab6, mode)
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(timeout=10) == 0
+        assert (lookup6(lab6, "udp", "s.example"), lab6.tagged()) == (tn.ANSWER_KUBE_DNS, [])
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_kill9_with_watchdog_outage_under_goal(
+        self, lab6: Lab6, mode: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """After kill -9 of proxy.py the watchdog (probing [fd00::10]:53) brings kube-dns back in under 2 s."""
+        proxy = start_proxy6(lab6, mode)
+        tn.start_watchdog(lab6, f"[{LOCAL_IP6}]:53")
+        outage = tn.outage_after_kill(lab6, proxy, CLUSTER_IP6)
+        with capsys.disabled():
+            print(f"\n[ipv6 {mode}] proxy.py: time without DNS after kill -9 (watchdog): {outage:.3f} s")
+        assert outage < tn.OUTAGE_GOAL
+        tn.wait_for(lambda: lab6.tagged() == [], 5, "the watchdog removed every IPv6 rule and address")
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_restart_after_kill9_removes_leftovers_first(self, lab6: Lab6, mode: str) -> None:
+        """A restarted proxy removes the IPv6 leftovers before installing: no duplicate rule."""
+        first = start_proxy6(lab6, mode, "proxy-1")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=5)
+        second = start_proxy6(lab6, mode, "proxy-2")
+        tn.wait_for(lambda: "intercept_rules_installed" in second.log_path.read_text(), 5, "installed")
+        spec = interceptor6(lab6, mode).spec
+        assert lab6.count_rules6() == len(spec.rules())
