@@ -52,6 +52,19 @@ KIND_OF_FIXTURE = {
 }
 
 
+class Clock:
+    """A monotonic clock the test moves by hand, for the code under test that takes a `timer`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def split_address(address: str) -> tuple[str, int]:
     """Split "127.0.0.1:53" or "[::1]:53" into host and port; refuse anything off loopback."""
     host, _, port = address.rpartition(":")

@@ -28,6 +28,7 @@ import wire
 from autopath import SearchPath
 from cache import AnswerCache
 from configfile import LIVE_FIELDS
+from conftest import Clock
 from metrics import ProxyCollector, Stats
 from resolver import Resolver
 from upstream import UpstreamError, Upstreams
@@ -63,19 +64,6 @@ def zone_of(qname: str) -> tuple[str, int]:
     if qname.endswith(".example.net."):
         return "example.net.", EXTERNAL_NEGATIVE_TTL
     return ".", EXTERNAL_NEGATIVE_TTL
-
-
-class Clock:
-    """Monotonic time moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class TableUpstreams(Upstreams):

@@ -7,18 +7,9 @@ import pytest
 
 import wire
 from cache import AnswerCache, TtlPolicy, answer_ttl, entry_from_reply
+from conftest import Clock
 
 SOA = dnslib.SOA("ns.dns.cluster.local", "hostmaster.cluster.local", (1, 7200, 1800, 86400, 5))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def make_reply(
@@ -154,7 +145,7 @@ class TestStore:
 
     def test_stale_is_computed_not_evicted(self):
         """Past its TTL an entry is still there, flagged stale by its negative remaining TTL."""
-        clock = FakeClock()
+        clock = Clock()
         cache = AnswerCache(10, timer=clock)
         entry, _ = entry_from_reply(make_reply(answers=[("A", "10.0.0.1", 30)]), TtlPolicy(), clock())
         cache.store(b"k", entry)
@@ -167,7 +158,7 @@ class TestStore:
 
     def test_ttl_counts_down_by_whole_seconds(self):
         """The TTL served is the stored TTL less the whole seconds elapsed."""
-        clock = FakeClock()
+        clock = Clock()
         entry, _ = entry_from_reply(make_reply(answers=[("A", "10.0.0.1", 30)]), TtlPolicy(), clock())
         assert answer_ttl(entry, clock.now) == 30
         assert answer_ttl(entry, clock.now + 0.4) == 30
@@ -188,7 +179,7 @@ class TestStore:
 
     def test_counts_fresh_and_stale(self):
         """counts() splits entries into fresh and stale by the clock."""
-        clock = FakeClock()
+        clock = Clock()
         cache = AnswerCache(10, timer=clock)
         short, _ = entry_from_reply(make_reply(answers=[("A", "10.0.0.1", 5)]), TtlPolicy(), clock())
         long, _ = entry_from_reply(make_reply(answers=[("A", "10.0.0.1", 50)]), TtlPolicy(), clock())

@@ -25,6 +25,7 @@ import config
 import routing
 import wire
 from cache import AnswerCache
+from conftest import Clock
 from metrics import Stats
 from resolver import DOWN_TRIES_PER_SECOND, Resolver
 from upstream import UpstreamError, Upstreams
@@ -38,19 +39,6 @@ NEW_ADDRESS = "192.0.2.2"
 TTL = 60
 STALE_ANSWER_TIMEOUT = 0.02  # real seconds: the client timer is a gevent wait
 TRY_TIMEOUT = 1.0  # real seconds, spent only by a "hang" that the test never releases
-
-
-class Clock:
-    """Monotonic time moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ScriptedUpstreams(Upstreams):

@@ -19,22 +19,12 @@ import pytest
 import persist
 import wire
 from cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
-from conftest import query
+from conftest import Clock, query
 from persist import CacheFileError, CachePersister, Record
 from servers import KUBERNETES, WEB, free_port
 
 FAST = ("--upstream-timeout", "0.5", "--deadline", "1.0", "--stale-answer-timeout", "0.3")
 SAVED_AT = 1_000_000.0  # wall clock of the fake saves
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ListLog:
@@ -155,7 +145,7 @@ class TestRestore:
     """Wall-clock expiry back to monotonic time, with a fake clock for each."""
 
     def restore(self, records, wall_now, max_stale=math.inf, size=100, mono=5000.0):
-        cache = AnswerCache(size, timer=FakeClock(mono))
+        cache = AnswerCache(size, timer=Clock(mono))
         result = persist.restore(cache, SAVED_AT, records, max_stale, wall_now)
         return cache, result
 
@@ -226,9 +216,9 @@ class TestPersister:
     """Saving and loading through files, with fake clocks."""
 
     def make(self, path: Path, mono: float, wall: float, size: int = 100):
-        cache = AnswerCache(size, timer=FakeClock(mono))
+        cache = AnswerCache(size, timer=Clock(mono))
         log = ListLog()
-        return CachePersister(str(path), cache, math.inf, log, wall=FakeClock(wall)), cache, log
+        return CachePersister(str(path), cache, math.inf, log, wall=Clock(wall)), cache, log
 
     def fill(self, cache: AnswerCache, count: int, ttl: int = 300) -> list[bytes]:
         keys = []

@@ -29,6 +29,7 @@ import handover
 import netsetup
 import watchdog
 from config import Config
+from conftest import Clock
 from test_manifests import config, container, find
 from test_netsetup import (
     ANSWER_KUBE_DNS,
@@ -54,16 +55,6 @@ Outcome = watchdog.Outcome
 
 
 # -- fakes ------------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeRegistry:
@@ -107,7 +98,7 @@ class FakeInterceptor:
 class FakeProber:
     """Answers each probe with the next scripted outcome (the last one repeats); a timeout takes its time."""
 
-    def __init__(self, clock: FakeClock, *outcomes: Outcome) -> None:
+    def __init__(self, clock: Clock, *outcomes: Outcome) -> None:
         self.clock = clock
         self.outcomes = list(outcomes)
         self.calls = 0
@@ -142,7 +133,7 @@ class Rig:
     INTERVAL = 0.5
 
     def __init__(self, *outcomes: Outcome, alive: bool = True, rules: bool = True) -> None:
-        self.clock = FakeClock()
+        self.clock = Clock(100.0)
         self.registry = FakeRegistry(alive)
         self.interceptor = FakeInterceptor(self.registry, rules)
         self.prober = FakeProber(self.clock, *outcomes)
