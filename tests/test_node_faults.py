@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from test_netsetup import (
     start_watchdog,
     wait_for,
 )
+from test_netsetup import lab as lab  # noqa: F401  (the node lab fixture)
 
 THIS = Path(__file__).resolve()
 POLL_INTERVAL = 0.02
@@ -79,17 +79,6 @@ def poll(host: str, port: int, duration: float) -> None:
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    """A fresh pod/node/upstream lab, deleted afterwards even on failure."""
-    the_lab = Lab(tmp_path)
-    try:
-        the_lab.setup()
-        yield the_lab
-    finally:
-        the_lab.close()
 
 
 def start_poller(lab: Lab, host: str = LINK_LOCAL, seconds: float = 40.0) -> Any:

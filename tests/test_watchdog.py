@@ -46,6 +46,7 @@ from test_netsetup import (
     start_watchdog,
     wait_for,
 )
+from test_netsetup import lab as lab  # noqa: F401  (the node lab fixture)
 
 THIS = Path(__file__).resolve()
 KILL9_GOAL = 1.0  # seconds from kill -9 of the proxy to the pod answered by kube-dns
@@ -440,17 +441,6 @@ def lookups(server: str, qname: str, seconds: float, every: float, timeout: floa
 # -- the lab ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def node_lab(tmp_path: Path) -> Iterator[Lab]:
-    """The pod/node/kube-dns lab of test_netsetup.py, deleted afterwards even on failure."""
-    the_lab = Lab(tmp_path)
-    try:
-        the_lab.setup()
-        yield the_lab
-    finally:
-        the_lab.close()
-
-
 def node_registry(lab: Lab) -> handover.InstanceRegistry:
     """The registry the proxy and the watchdog of the lab's node namespace share, seen from this test."""
     registry = handover.InstanceRegistry(str(lab.workdir / "state"), structlog.get_logger())
@@ -481,27 +471,23 @@ class TestWithTheProxy:
     """proxy.py and watchdog.py in the node namespace, one registry."""
 
     @pytest.mark.parametrize("mode", ["nodelocal", "dnat"])
-    def test_kill9_back_to_kube_dns_under_1s(
-        self, node_lab: Lab, mode: str, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_kill9_back_to_kube_dns_under_1s(self, lab: Lab, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
         """After kill -9 of proxy.py the pod is answered by kube-dns in under a second."""
-        proxy = start_proxy(node_lab, mode)
-        dog = start_watchdog(node_lab, f"{LINK_LOCAL}:53")
-        outage = outage_after_kill(node_lab, proxy)
+        proxy = start_proxy(lab, mode)
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
+        outage = outage_after_kill(lab, proxy)
         wait_for(lambda: events_named(dog, "proxy_unresponsive_interception_removed"), 5, "the teardown is logged")
         (removed,) = events_named(dog, "proxy_unresponsive_interception_removed")
         with capsys.disabled():
             print(f"\n[{mode}] kill -9 of proxy.py -> kube-dns answers after {outage:.3f} s ({removed['cause']})")
         assert (outage < KILL9_GOAL, removed["cause"]) == (True, "dead")
 
-    def test_sigstop_for_1_5s_no_teardown_no_failed_lookup(
-        self, node_lab: Lab, capsys: pytest.CaptureFixture[str]
-    ) -> None:
+    def test_sigstop_for_1_5s_no_teardown_no_failed_lookup(self, lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
         """A proxy stopped for 1.5 s keeps its interception, and every lookup is answered by it within 3 s."""
-        proxy = start_proxy(node_lab, "nodelocal")
-        dog = start_watchdog(node_lab, f"{LINK_LOCAL}:53")
-        meter = node_lab.start(
-            node_lab.pod,
+        proxy = start_proxy(lab, "nodelocal")
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
+        meter = lab.start(
+            lab.pod,
             "lookups",
             [sys.executable, str(THIS), "lookups", CLUSTER_IP, "stall.example", "4", "0.05", str(LOOKUP_TIMEOUT)],
         )
@@ -531,18 +517,18 @@ class TestWithTheProxy:
             False,
             1,
         )
-        assert node_lab.count_rules() > 0 and proxy.poll() is None
+        assert lab.count_rules() > 0 and proxy.poll() is None
 
-    def test_long_stall_torn_down_after_the_window(self, node_lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_long_stall_torn_down_after_the_window(self, lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
         """A proxy stopped beyond --stall-window loses its interception (cause=stalled), regained once resumed."""
-        proxy = start_proxy(node_lab, "nodelocal")
-        dog = start_watchdog(node_lab, f"{LINK_LOCAL}:53")
+        proxy = start_proxy(lab, "nodelocal")
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
         proxy.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
             wait_for(lambda: events_named(dog, "proxy_unresponsive_interception_removed"), 10, "the teardown")
             torn_down_after = time.monotonic() - stopped_at
-            fallback = node_lab.dig(CLUSTER_IP, "long-stall.example")
+            fallback = lab.dig(CLUSTER_IP, "long-stall.example")
         finally:
             proxy.send_signal(signal.SIGCONT)
         (removed,) = events_named(dog, "proxy_unresponsive_interception_removed")
@@ -551,19 +537,19 @@ class TestWithTheProxy:
         with capsys.disabled():
             print(f"\nSIGSTOP until teardown: removed {torn_down_after:.2f} s after the stop ({removed['cause']})")
         assert (removed["cause"], removed["silent_seconds"] >= 3.0, fallback) == ("stalled", True, ANSWER_KUBE_DNS)
-        assert wait_answered_by_proxy(node_lab)
+        assert wait_answered_by_proxy(lab)
 
     @pytest.mark.parametrize("mode", ["nodelocal", "dnat"])
-    def test_graceful_exit_no_watchdog_error(self, node_lab: Lab, mode: str) -> None:
+    def test_graceful_exit_no_watchdog_error(self, lab: Lab, mode: str) -> None:
         """After SIGTERM the proxy's own teardown runs; the watchdog disarms with an info line and logs no error."""
-        proxy = start_proxy(node_lab, mode)
-        dog = start_watchdog(node_lab, f"{LINK_LOCAL}:53")
+        proxy = start_proxy(lab, mode)
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
         proxy.send_signal(signal.SIGTERM)
         assert proxy.wait(timeout=15) == 0
         wait_for(lambda: events_named(dog, "watchdog_disarmed"), 5, "the watchdog disarmed")
         time.sleep(1.0)  # a few more rounds: still quiet
         levels = [entry.get("level") for entry in log_events(dog)]
-        assert ("error" in levels, "warning" in levels, node_lab.tagged(), node_lab.dig(CLUSTER_IP, "x.example")) == (
+        assert ("error" in levels, "warning" in levels, lab.tagged(), lab.dig(CLUSTER_IP, "x.example")) == (
             False,
             False,
             [],
@@ -576,14 +562,14 @@ class TestWithTheProxy:
 class TestLockedTeardown:
     """The watchdog's teardown waits for the node's lock, and spares what a proxy installed meanwhile."""
 
-    def test_restart_during_teardown_leaves_complete_rules(self, node_lab: Lab) -> None:
+    def test_restart_during_teardown_leaves_complete_rules(self, lab: Lab) -> None:
         """A proxy restarting while the watchdog waits for the lock to tear down keeps every one of its rules."""
-        first = start_stand_in(node_lab, "nodelocal")
-        installer = make_interceptor(node_lab, "nodelocal")
+        first = start_stand_in(lab, "nodelocal")
+        installer = make_interceptor(lab, "nodelocal")
         installer.add_addresses()
         installer.install_rules()
-        dog = start_watchdog(node_lab, f"{LINK_LOCAL}:53")
-        registry = node_registry(node_lab)
+        dog = start_watchdog(lab, f"{LINK_LOCAL}:53")
+        registry = node_registry(lab)
         with registry.locked():
             first.send_signal(signal.SIGKILL)
             wait_for(
@@ -592,11 +578,11 @@ class TestLockedTeardown:
                 "the watchdog decided to tear down",
             )
             time.sleep(0.5)  # it now waits for the lock; nothing may have been removed
-            untouched = node_lab.count_rules()
+            untouched = lab.count_rules()
             # A proxy restarting, as proxy.py does under this lock: register, leftovers, bind, install.
             registry.register()
-            start_stand_in(node_lab, "nodelocal")
-            restarted = make_interceptor(node_lab, "nodelocal")
+            start_stand_in(lab, "nodelocal")
+            restarted = make_interceptor(lab, "nodelocal")
             restarted.remove_leftovers()
             restarted.add_addresses()
             restarted.install_rules()
@@ -605,11 +591,11 @@ class TestLockedTeardown:
             wait_for(lambda: events_named(dog, "teardown_cancelled"), 5, "the watchdog spared the restarted proxy")
             time.sleep(0.6)
             complete = restarted.rules_present()
-            answer = node_lab.dig(CLUSTER_IP, "race.example")
+            answer = lab.dig(CLUSTER_IP, "race.example")
         finally:
             registry.unregister()
         expected = len(restarted.spec.rules())
-        assert (untouched, complete, node_lab.count_rules(), answer) == (expected, True, expected, ANSWER_LOCAL)
+        assert (untouched, complete, lab.count_rules(), answer) == (expected, True, expected, ANSWER_LOCAL)
         assert not events_named(dog, "proxy_unresponsive_interception_removed")
 
 
