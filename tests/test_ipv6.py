@@ -378,10 +378,11 @@ class TestIPv6Interception:
         assert lab6.tagged() == []
 
 
-def proxy_argv6(mode: str, local_ips: tuple[str, ...] = Lab6.local_ips) -> list[str]:
+def proxy_argv6(mode: str, local_ips: tuple[str, ...] = Lab6.local_ips, log_queries: bool = True) -> list[str]:
     """Return the proxy command line for an IPv6-only (or, with both families' local IPs, dual-stack) node.
 
-    It listens where the interception sends queries and forwards to the upstream Service of each family.
+    It listens where the interception sends queries and forwards to the upstream Service of each family;
+    ``log_queries``: one debug line per query (too much for the takeover tests' load).
     """
     argv = [sys.executable, str(tn.ROOT / "proxy.py")]
     for ip in spec6(mode, local_ips).wanted_addresses():
@@ -393,8 +394,8 @@ def proxy_argv6(mode: str, local_ips: tuple[str, ...] = Lab6.local_ips) -> list[
             argv += ["--upstream", endpoint(service_ip)]
     return [
         *argv,
-        *("--intercept", mode, "--http", endpoint(local_ips[0], tn.HEALTH_PORT)),
-        *("--sync-interval", "1", "--log-queries", "--log-level", "debug"),
+        *("--intercept", mode, "--http", endpoint(local_ips[0], tn.HEALTH_PORT), "--sync-interval", "1"),
+        *(("--log-queries", "--log-level", "debug") if log_queries else ()),
     ]
 
 
