@@ -46,6 +46,7 @@ KIND_OF_FIXTURE = {
     # test_ipv6.py
     "upstream6": "e2e",
     "lab6": "netns",
+    "dual_lab": "netns",
     # test_upgrade.py
     "loopback": "e2e",
     "intercepted": "netns",

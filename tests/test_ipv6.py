@@ -161,8 +161,17 @@ UPSTREAM_SERVICE_IP6 = "fd00:96::b"
 LOCAL_IP6 = "fd00::10"
 
 
+def endpoint(ip: str, port: int = 53) -> str:
+    """Return ``ip:port`` for IPv4, ``[ip]:port`` for IPv6."""
+    return f"{ip}:{port}" if netsetup.family_of(ip) == 4 else f"[{ip}]:{port}"
+
+
 class Lab6(tn.Lab):
     """The IPv4 lab's three namespaces wired over IPv6; answers are A records naming who answered."""
+
+    # The proxy's --local-ip list on this node: its own address first, then the ClusterIP, per family.
+    local_ips: tuple[str, ...] = (LOCAL_IP6, CLUSTER_IP6)
+    pod_nameservers: tuple[str, ...] = (CLUSTER_IP6,)
 
     def setup(self) -> None:
         """Create namespaces, IPv6 links and routes, the pod's IPv6 resolv.conf and a kube-proxy stand-in."""
@@ -171,9 +180,16 @@ class Lab6(tn.Lab):
             self.created.append(ns)
             tn._run(["ip", "-n", ns, "link", "set", "lo", "up"])
         self.write_resolv_conf()
-        commands = [
+        for args in (
             ["-n", self.node, "link", "add", "n0", "type", "veth", "peer", "name", "p0", "netns", self.pod],
             ["-n", self.node, "link", "add", "n1", "type", "veth", "peer", "name", "u0", "netns", self.up],
+        ):
+            tn._run(["ip", *args])
+        self.add_ipv6()
+
+    def add_ipv6(self) -> None:
+        """Put the IPv6 addresses and routes on the lab's links, kube-proxy's IPv6 rules, and kube-dns on IPv6."""
+        commands = [
             # nodad: usable at once instead of "tentative" for a second.
             ["-n", self.node, "-6", "addr", "add", f"{NODE_POD_SIDE6}/64", "dev", "n0", "nodad"],
             ["-n", self.pod, "-6", "addr", "add", f"{POD6}/64", "dev", "p0", "nodad"],
@@ -204,22 +220,26 @@ class Lab6(tn.Lab):
             self.sh(self.node, "ip6tables", "-w", "5", "-t", "nat", "-I", chain, "1", "-j", "KUBE-SERVICES")
         self.respond(
             self.up,
-            "kube-dns",
+            "kube-dns6",
             f"[{KUBE_DNS_ENDPOINT6}]:53={tn.ANSWER_KUBE_DNS}",
             f"[{UPSTREAM_ENDPOINT6}]:53={tn.ANSWER_VIA_PROXY}",
         )
 
-    def write_resolv_conf(self, tcp: bool = False) -> None:
-        """Give every namespace an IPv6 nameserver line (the pod's: the ClusterIP); ``tcp``: glibc's use-vc."""
-        for ns, nameserver in (
-            (self.pod, CLUSTER_IP6),
-            (self.node, UPSTREAM_SERVICE_IP6),
-            (self.up, UPSTREAM_SERVICE_IP6),
+    def write_resolv_conf(self, tcp: bool = False, pod_nameservers: tuple[str, ...] | None = None) -> None:
+        """Write every namespace's resolv.conf: the pod's names ``pod_nameservers`` (default: the lab's ClusterIPs).
+
+        The node and the upstream namespace get the IPv6 upstream Service; ``tcp`` adds glibc's use-vc.
+        """
+        for ns, nameservers in (
+            (self.pod, pod_nameservers or self.pod_nameservers),
+            (self.node, (UPSTREAM_SERVICE_IP6,)),
+            (self.up, (UPSTREAM_SERVICE_IP6,)),
         ):
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
             options = "timeout:1 attempts:2" + (" use-vc" if tcp else "")
-            (etc / "resolv.conf").write_text(f"nameserver {nameserver}\noptions {options}\n")
+            lines = "".join(f"nameserver {nameserver}\n" for nameserver in nameservers)
+            (etc / "resolv.conf").write_text(f"{lines}options {options}\n")
 
     def getent(self, qname: str) -> str:
         """Return the first address glibc's getaddrinfo (``getent ahosts``) finds in the pod over its IPv6 nameserver.
@@ -265,33 +285,36 @@ def lab6(tmp_path: Path) -> Iterator[Lab6]:
         the_lab.close()
 
 
-def lookup6(lab: Lab6, transport: str, qname: str) -> str:
-    """Resolve qname from the pod through the IPv6 ClusterIP: dig over UDP or TCP, or glibc over UDP or TCP."""
+def lookup6(lab: Lab6, transport: str, qname: str, cluster_ip: str = CLUSTER_IP6) -> str:
+    """Resolve qname from the pod through one ClusterIP: dig over UDP or TCP, or glibc over UDP or TCP.
+
+    For glibc the pod's resolv.conf names that ClusterIP alone, so the answer came through it.
+    """
     if transport.startswith("glibc"):
-        lab.write_resolv_conf(tcp=transport == "glibc-tcp")
+        lab.write_resolv_conf(tcp=transport == "glibc-tcp", pod_nameservers=(cluster_ip,))
         return lab.getent(qname)
-    return lab.dig(CLUSTER_IP6, qname, tcp=transport == "tcp", timeout=3)
+    return lab.dig(cluster_ip, qname, tcp=transport == "tcp", timeout=3)
 
 
 TRANSPORTS6 = ["udp", "tcp", "glibc-udp", "glibc-tcp"]
 
 
+def spec6(mode: str, local_ips: tuple[str, ...] = Lab6.local_ips) -> netsetup.InterceptSpec:
+    """Return the InterceptSpec of proxy.py --intercept MODE with these --local-ip addresses."""
+    health_port = tn.HEALTH_PORT if mode == "nodelocal" else None
+    return netsetup.InterceptSpec(mode=mode, local_ips=local_ips, health_port=health_port)
+
+
 def interceptor6(lab: Lab6, mode: str) -> netsetup.Interceptor:
-    """Return an Interceptor for the IPv6 lab whose commands run in its node namespace."""
-    spec = netsetup.InterceptSpec(
-        mode=mode, local_ips=(LOCAL_IP6, CLUSTER_IP6), health_port=tn.HEALTH_PORT if mode == "nodelocal" else None
-    )
+    """Return an Interceptor for the lab's local IPs whose commands run in its node namespace."""
+    spec = spec6(mode, lab.local_ips)
     return netsetup.Interceptor(spec, structlog.get_logger().bind(test_lab=lab.node), runner=lab.runner(lab.node))
 
 
 def intercept6(lab: Lab6, mode: str) -> netsetup.Interceptor:
     """Start the stand-in where the mode's proxy listens, then leftovers, addresses, rules."""
-    if mode == "nodelocal":
-        lab.respond(
-            lab.node, "stand-in", f"[{LOCAL_IP6}]:53={tn.ANSWER_LOCAL}", f"[{CLUSTER_IP6}]:53={tn.ANSWER_LOCAL}"
-        )
-    else:
-        lab.respond(lab.node, "stand-in", f"[{LOCAL_IP6}]:53={tn.ANSWER_LOCAL}")
+    listen = spec6(mode, lab.local_ips).wanted_addresses()  # nodelocal: every local IP; dnat: each family's target
+    lab.respond(lab.node, "stand-in", *(f"{endpoint(ip)}={tn.ANSWER_LOCAL}" for ip in listen))
     interceptor = interceptor6(lab, mode)
     interceptor.remove_leftovers()
     interceptor.add_addresses()
@@ -355,27 +378,37 @@ class TestIPv6Interception:
         assert lab6.tagged() == []
 
 
-def proxy_argv6(mode: str) -> list[str]:
-    """Return the proxy command line for an IPv6-only node, with the lab's addresses."""
-    argv = [sys.executable, str(tn.ROOT / "proxy.py"), "--listen", f"[{LOCAL_IP6}]:53"]
-    if mode == "nodelocal":
-        argv += ["--listen", f"[{CLUSTER_IP6}]:53"]
+def proxy_argv6(mode: str, local_ips: tuple[str, ...] = Lab6.local_ips, log_queries: bool = True) -> list[str]:
+    """Return the proxy command line for an IPv6-only (or, with both families' local IPs, dual-stack) node.
+
+    It listens where the interception sends queries and forwards to the upstream Service of each family;
+    ``log_queries``: one debug line per query (too much for the takeover tests' load).
+    """
+    argv = [sys.executable, str(tn.ROOT / "proxy.py")]
+    for ip in spec6(mode, local_ips).wanted_addresses():
+        argv += ["--listen", endpoint(ip)]
+    for ip in local_ips:
+        argv += ["--local-ip", ip]
+    for family, service_ip in ((4, tn.UPSTREAM_SERVICE_IP), (6, UPSTREAM_SERVICE_IP6)):
+        if family in spec6(mode, local_ips).families:
+            argv += ["--upstream", endpoint(service_ip)]
     return [
         *argv,
-        *("--intercept", mode, "--local-ip", LOCAL_IP6, "--local-ip", CLUSTER_IP6),
-        *("--upstream", f"[{UPSTREAM_SERVICE_IP6}]:53", "--http", f"[{LOCAL_IP6}]:{tn.HEALTH_PORT}"),
-        *("--sync-interval", "1", "--log-queries", "--log-level", "debug"),
+        *("--intercept", mode, "--http", endpoint(local_ips[0], tn.HEALTH_PORT), "--sync-interval", "1"),
+        *(("--log-queries", "--log-level", "debug") if log_queries else ()),
     ]
 
 
 def start_proxy6(lab: Lab6, mode: str, name: str = "proxy") -> Any:
-    """Start proxy.py in the node namespace; wait until the pod is answered through it over IPv6."""
-    proxy = lab.start(lab.node, name, [*proxy_argv6(mode), "--state-dir", str(lab.workdir / "state")])
+    """Start proxy.py in the node namespace; wait until the pod is answered through it at each ClusterIP."""
+    argv = [*proxy_argv6(mode, lab.local_ips), "--state-dir", str(lab.workdir / "state")]
+    proxy = lab.start(lab.node, name, argv)
+    cluster_ips = spec6("dnat", lab.local_ips).cluster_ips
 
     def answered() -> bool:
         if proxy.poll() is not None:
             raise AssertionError(f"proxy.py exited: {proxy.log_path.read_text()[-2000:]}")
-        return lab.dig(CLUSTER_IP6, "ready.example") == tn.ANSWER_VIA_PROXY
+        return all(lab.dig(ip, "ready.example") == tn.ANSWER_VIA_PROXY for ip in cluster_ips)
 
     tn.wait_for(answered, 15, f"the pod is answered through proxy.py ({proxy.log_path})")
     tn.wait_for(lambda: '"event": "serving"' in proxy.log_path.read_text(), 15, "proxy.py logs serving")
@@ -425,3 +458,123 @@ class TestIPv6ProxyEndToEnd:
         tn.wait_for(lambda: "intercept_rules_installed" in second.log_path.read_text(), 5, "installed")
         spec = interceptor6(lab6, mode).spec
         assert lab6.count_rules6() == len(spec.rules())
+
+
+# -- the dual-stack lab: the IPv4 lab and the IPv6 one on the same links, a ClusterIP per family ----
+
+DUAL_LOCAL_IPS = (tn.LINK_LOCAL, tn.CLUSTER_IP, LOCAL_IP6, CLUSTER_IP6)
+FAMILIES = {"ipv4": tn.CLUSTER_IP, "ipv6": CLUSTER_IP6}
+
+
+class DualStackLab(Lab6):
+    """The IPv4 lab with the IPv6 addresses, routes and kube-proxy rules added: each ClusterIP works alone."""
+
+    local_ips = DUAL_LOCAL_IPS
+    pod_nameservers = (tn.CLUSTER_IP, CLUSTER_IP6)  # a dual-stack pod: one nameserver line per family
+
+    def setup(self) -> None:
+        """Build the IPv4 lab, then add IPv6 to the same links, kube-proxy and kube-dns."""
+        tn.Lab.setup(self)
+        self.write_resolv_conf()
+        self.add_ipv6()
+
+    def tagged(self) -> list[str]:
+        """Return every rule (iptables-save and ip6tables-save), address and interface of ours on the node."""
+        return sorted(set(tn.Lab.tagged(self)) | set(Lab6.tagged(self)))
+
+
+@pytest.fixture
+def dual_lab(tmp_path: Path) -> Iterator[DualStackLab]:
+    """Provide a fresh dual-stack pod/node/upstream lab, deleted afterwards even on failure."""
+    the_lab = DualStackLab(tmp_path)
+    try:
+        the_lab.setup()
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+def lookups(lab: Lab6, transport: str, qname: str) -> dict[str, str]:
+    """Resolve qname through the IPv4 and through the IPv6 ClusterIP; return the answer per family."""
+    return {family: lookup6(lab, transport, f"{family}-{qname}", ip) for family, ip in FAMILIES.items()}
+
+
+def everywhere(answer: str) -> dict[str, str]:
+    return dict.fromkeys(FAMILIES, answer)
+
+
+@pytest.mark.timeout(120)
+class TestDualStackInterception:
+    """netsetup.Interceptor with an IPv4 and an IPv6 local IP and ClusterIP on one node."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("transport", TRANSPORTS6)
+    def test_both_cluster_ips_answered_locally(self, dual_lab: DualStackLab, mode: str, transport: str) -> None:
+        """Both ClusterIPs are answered on the node, then by kube-dns through kube-proxy after teardown."""
+        before = lookups(dual_lab, transport, "before.example")
+        interceptor = intercept6(dual_lab, mode)
+        during = lookups(dual_lab, transport, "during.example")
+        interceptor.teardown()
+        after = lookups(dual_lab, transport, "after.example")
+        assert (before, during, after) == (
+            everywhere(tn.ANSWER_KUBE_DNS),
+            everywhere(tn.ANSWER_LOCAL),
+            everywhere(tn.ANSWER_KUBE_DNS),
+        )
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_pod_with_both_nameserver_lines(self, dual_lab: DualStackLab, mode: str) -> None:
+        """glibc in a pod whose resolv.conf names both ClusterIPs is answered locally, then by kube-dns."""
+        dual_lab.write_resolv_conf()
+        interceptor = intercept6(dual_lab, mode)
+        during = dual_lab.getent("both.example")
+        interceptor.teardown()
+        assert (during, dual_lab.getent("after.example")) == (tn.ANSWER_LOCAL, tn.ANSWER_KUBE_DNS)
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_nothing_tagged_left_after_teardown(self, dual_lab: DualStackLab, mode: str) -> None:
+        """Teardown removes the rules of both families (iptables-save and ip6tables-save) and every address."""
+        interceptor = intercept6(dual_lab, mode)
+        families = {4 if item.startswith("iptables") else 6 for item in dual_lab.tagged() if "-save: " in item}
+        interceptor.teardown()
+        assert (families, dual_lab.tagged()) == ({4, 6}, [])
+
+
+@pytest.mark.timeout(120)
+class TestDualStackProxyEndToEnd:
+    """proxy.py --intercept MODE on a dual-stack node: one process serves both families."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("transport", TRANSPORTS6)
+    def test_pod_lookups_go_through_the_proxy(self, dual_lab: DualStackLab, mode: str, transport: str) -> None:
+        """Lookups through the IPv4 and through the IPv6 ClusterIP are answered by the proxy, which logs them."""
+        proxy = start_proxy6(dual_lab, mode)
+        answers = lookups(dual_lab, transport, f"{transport}-{mode}.example")
+        logged = {family: f"{family}-{transport}-{mode}.example" in proxy.log_path.read_text() for family in FAMILIES}
+        assert (answers, logged) == (everywhere(tn.ANSWER_VIA_PROXY), dict.fromkeys(FAMILIES, True))
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_sigterm_falls_back_and_leaves_nothing_tagged(self, dual_lab: DualStackLab, mode: str) -> None:
+        """After SIGTERM kube-dns answers at both ClusterIPs and no rule or address of either family is left."""
+        proxy = start_proxy6(dual_lab, mode)
+        proxy.send_signal(signal.SIGTERM)
+        code = proxy.wait(timeout=10)
+        assert (code, lookups(dual_lab, "udp", "s.example"), dual_lab.tagged()) == (
+            0,
+            everywhere(tn.ANSWER_KUBE_DNS),
+            [],
+        )
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_kill9_with_watchdog_outage_under_goal(
+        self, dual_lab: DualStackLab, mode: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """After kill -9 the watchdog brings kube-dns back at both ClusterIPs in under 2 s, and removes everything."""
+        proxy = start_proxy6(dual_lab, mode)
+        tn.start_watchdog(dual_lab, f"[{LOCAL_IP6}]:53")
+        outages = tn.outages_after_kill(dual_lab, proxy, tuple(FAMILIES.values()))
+        with capsys.disabled():
+            times = ", ".join(f"{family} {outages[ip]:.3f} s" for family, ip in FAMILIES.items())
+            print(f"\n[dual-stack {mode}] proxy.py: time without DNS after kill -9 (watchdog): {times}")
+        assert max(outages.values()) < tn.OUTAGE_GOAL
+        tn.wait_for(lambda: dual_lab.tagged() == [], 5, "the watchdog removed the rules and addresses of both families")

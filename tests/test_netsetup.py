@@ -968,27 +968,39 @@ def start_watchdog(lab: Lab, probe: str, *extra: str) -> Any:
 
 def outage_after_kill(lab: Lab, victim: Any, server: str = CLUSTER_IP) -> float:
     """SIGKILL victim while the pod queries every 20 ms; return seconds until kube-dns answers."""
-    meter = lab.start(
-        lab.pod,
-        "meter",
-        [sys.executable, str(THIS), "measure", server, "outage.example", ANSWER_KUBE_DNS, "15"],
-    )
+    return outages_after_kill(lab, victim, (server,))[server]
 
-    def samples() -> list[dict[str, Any]]:
+
+def outages_after_kill(lab: Lab, victim: Any, servers: tuple[str, ...]) -> dict[str, float]:
+    """SIGKILL victim while the pod queries each server every 20 ms; return per server seconds to a kube-dns answer."""
+    meters = {
+        server: lab.start(
+            lab.pod,
+            "meter",
+            [sys.executable, str(THIS), "measure", server, "outage.example", ANSWER_KUBE_DNS, "15"],
+        )
+        for server in servers
+    }
+
+    def samples(meter: Any) -> list[dict[str, Any]]:
         lines = meter.log_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
-    wait_for(
-        lambda: sum(s["answer"] != ANSWER_KUBE_DNS for s in samples()) >= 5,
-        10,
-        "the pod is answered through the interception",
-    )
+    for server, meter in meters.items():
+        wait_for(
+            lambda meter=meter: sum(s["answer"] != ANSWER_KUBE_DNS for s in samples(meter)) >= 5,
+            10,
+            f"the pod is answered through the interception at {server}",
+        )
     killed_at = time.monotonic()
     victim.send_signal(signal.SIGKILL)
-    meter.wait(timeout=20)
-    back = [s["done"] for s in samples() if s["sent"] > killed_at and s["answer"] == ANSWER_KUBE_DNS]
-    assert back, f"no kube-dns answer after the kill: {samples()[-3:]}"
-    return back[0] - killed_at
+    outages = {}
+    for server, meter in meters.items():
+        meter.wait(timeout=20)
+        back = [s["done"] for s in samples(meter) if s["sent"] > killed_at and s["answer"] == ANSWER_KUBE_DNS]
+        assert back, f"no kube-dns answer at {server} after the kill: {samples(meter)[-3:]}"
+        outages[server] = back[0] - killed_at
+    return outages
 
 
 @pytest.mark.timeout(90)

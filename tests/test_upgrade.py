@@ -6,9 +6,10 @@ Two scenarios run once each (module fixtures) and are then checked by several te
   in 50 ms (so that queries are in flight at every SIGTERM); a UDP and TCP query loop of about
   500 q/s (cached and uncached names) runs while a successor starts on the same port and the old
   instance gets SIGTERM, TAKEOVERS times.
-* netns: the same with ``--intercept nodelocal`` in the network-namespace lab of test_netsetup.py,
-  the loop running in the pod namespace against the kube-dns ClusterIP; the rules are checked
-  between the steps and must be gone once the last instance has exited.
+* netns: the same with ``--intercept nodelocal`` or ``dnat`` in the network-namespace lab of
+  test_netsetup.py, the loop running in the pod namespace against the kube-dns ClusterIP; the rules
+  are checked between the steps and must be gone once the last instance has exited.  Again on an
+  IPv6-only node and on a dual-stack one (the labs of test_ipv6.py), with a loop per ClusterIP.
 
 Run as a script (``load HOST PORT STOP_FILE MAX_SECONDS``), this file is the query loop started
 inside the pod namespace; it prints one JSON summary line.
@@ -42,6 +43,7 @@ import handover
 import netsetup
 from conftest import REPO_ROOT, ProxyProcess
 from servers import KUBE_DNS, KUBERNETES, WEB, FakeUpstream, free_port
+from test_ipv6 import DualStackLab, Lab6, proxy_argv6, spec6
 from test_netsetup import (
     ANSWER_KUBE_DNS,
     ANSWER_VIA_PROXY,
@@ -69,9 +71,9 @@ SLOW_UPSTREAM_DELAY = 0.05  # kube-dns answering a miss in 50 ms: queries are in
 
 
 def _target_allowed(host: str) -> bool:
-    # Hard rule: loopback, or link-local inside a namespace the test created.
+    # Hard rule: loopback, or link-local or a made-up fd00::/8 ULA inside a namespace the test created.
     address = ipaddress.ip_address(host)
-    return address.is_loopback or address.is_link_local
+    return address.is_loopback or address.is_link_local or address in ipaddress.ip_network("fd00::/8")
 
 
 def ask(host: str, port: int, qname: str, tcp: bool) -> str:
@@ -605,54 +607,80 @@ def interception_in_place(lab: Lab, spec: netsetup.InterceptSpec) -> bool:
     """Every rule and address of the spec is on the node."""
     tagged = lab.tagged()
     addresses = all(any(item.startswith(f"address {ip} ") for item in tagged) for ip in spec.wanted_addresses())
-    return lab.count_rules() == len(spec.rules()) and addresses
+    rules = sum("-save: " in item for item in tagged)  # both families' rules on a dual-stack lab
+    return rules == len(spec.rules()) and addresses
 
 
 SERVING_LINE = '"event": "serving"'
 
 
-@pytest.fixture(scope="module", params=["nodelocal", "dnat"])
+# (lab, mode): the IPv4 lab of test_netsetup.py, the IPv6-only and the dual-stack labs of test_ipv6.py
+INTERCEPTED = [(lab, mode) for lab in ("ipv4", "ipv6", "dual-stack") for mode in ("nodelocal", "dnat")]
+LABS: dict[str, type[Lab]] = {"ipv4": Lab, "ipv6": Lab6, "dual-stack": DualStackLab}
+
+
+@pytest.fixture(scope="module", params=INTERCEPTED, ids=[f"{lab}-{mode}" for lab, mode in INTERCEPTED])
 def intercepted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    """TAKEOVERS takeovers of proxy.py --intercept MODE in the lab, the pod querying the kube-dns ClusterIP."""
-    mode = request.param
-    workdir = tmp_path_factory.mktemp(f"takeover-{mode}")
-    lab = Lab(workdir)
-    argv = intercept_argv(workdir, mode)
-    spec = netsetup.InterceptSpec(mode=mode, local_ips=(LINK_LOCAL, CLUSTER_IP), health_port=HEALTH_PORT)
-    stop_file = workdir / "stop-load"
+    """TAKEOVERS takeovers of proxy.py --intercept MODE in a lab, the pod querying each kube-dns ClusterIP."""
+    family, mode = request.param
+    workdir = tmp_path_factory.mktemp(f"takeover-{family}-{mode}")
+    lab = LABS[family](workdir)
+    files = ["--state-dir", str(workdir / "state"), "--cache-file", str(workdir / "cache.snapshot")]
+    if isinstance(lab, Lab6):
+        argv = [*proxy_argv6(mode, lab.local_ips, log_queries=False), *files, "--save-interval", "1"]
+        spec = spec6(mode, lab.local_ips)
+    else:
+        argv = intercept_argv(workdir, mode)
+        spec = netsetup.InterceptSpec(mode=mode, local_ips=(LINK_LOCAL, CLUSTER_IP), health_port=HEALTH_PORT)
+    title = "netns, " + (mode if family == "ipv4" else f"{family}, {mode}")
+    try:
+        lab.setup()
+        scenario = run_intercepted_takeovers(lab, argv, spec, workdir / "stop-load")
+    finally:
+        lab.close()  # kills by PID whatever still runs, deletes the namespaces
+    scenario.title = title
+    yield scenario
+
+
+def run_intercepted_takeovers(lab: Lab, argv: list[str], spec: netsetup.InterceptSpec, stop_file: Path) -> Scenario:
+    """Start an instance in the node and a query loop in the pod per ClusterIP; replace the instance TAKEOVERS times.
+
+    Checks the interception after each step; returns what the loops saw and what is tagged after the last exit.
+    """
     checks: list[tuple[str, bool]] = []
     codes = []
     instances = []
-    try:
-        lab.setup()
-        instances.append(lab.start(lab.node, "proxy-0", argv, SERVING_LINE))
-        checks.append(("first instance serving", interception_in_place(lab, spec)))
-        started = time.monotonic()
-        load = lab.start(
-            lab.pod, "load", [sys.executable, str(THIS), "load", CLUSTER_IP, "53", str(stop_file), "60"], "started"
-        )
-        time.sleep(1.5)
-        for index in range(1, TAKEOVERS + 1):
-            instances.append(lab.start(lab.node, f"proxy-{index}", argv, SERVING_LINE))
-            checks.append((f"takeover {index}: both serving", interception_in_place(lab, spec)))
-            time.sleep(OVERLAP)
-            instances[index - 1].send_signal(signal.SIGTERM)
-            codes.append(instances[index - 1].wait(timeout=20))
-            checks.append((f"takeover {index}: old one exited", interception_in_place(lab, spec)))
-        time.sleep(1.0)
-        stop_file.touch()
+    instances.append(lab.start(lab.node, "proxy-0", argv, SERVING_LINE))
+    checks.append(("first instance serving", interception_in_place(lab, spec)))
+    started = time.monotonic()
+    loads = [
+        lab.start(lab.pod, "load", [sys.executable, str(THIS), "load", ip, "53", str(stop_file), "60"], "started")
+        for ip in spec.cluster_ips
+    ]
+    time.sleep(1.5)
+    for index in range(1, TAKEOVERS + 1):
+        instances.append(lab.start(lab.node, f"proxy-{index}", argv, SERVING_LINE))
+        checks.append((f"takeover {index}: both serving", interception_in_place(lab, spec)))
+        time.sleep(OVERLAP)
+        instances[index - 1].send_signal(signal.SIGTERM)
+        codes.append(instances[index - 1].wait(timeout=20))
+        checks.append((f"takeover {index}: old one exited", interception_in_place(lab, spec)))
+    time.sleep(1.0)
+    stop_file.touch()
+    outcomes: collections.Counter[str] = collections.Counter()
+    failed_at: list[float] = []
+    for load in loads:
         load.wait(timeout=QUERY_TIMEOUT + 20)
-        seconds = time.monotonic() - started
         summary = json_lines(load.log_path.read_text())[-1]
-        instances[-1].send_signal(signal.SIGTERM)
-        codes.append(instances[-1].wait(timeout=20))
-        tagged_after = lab.tagged()
-        logs = [json_lines(proc.log_path.read_text()) for proc in instances]
-    finally:
-        lab.close()  # kills by PID whatever still runs, deletes the namespaces
-    result = LoadResult(summary["outcomes"], summary["failed_at"])
+        outcomes.update(summary["outcomes"])
+        failed_at += summary["failed_at"]
+    seconds = time.monotonic() - started
+    instances[-1].send_signal(signal.SIGTERM)
+    codes.append(instances[-1].wait(timeout=20))
+    tagged_after = lab.tagged()
+    logs = [json_lines(proc.log_path.read_text()) for proc in instances]
     allowed = {kind: {f"NOERROR {ANSWER_VIA_PROXY}"} for kind in ("cached", "uncached")}
-    yield Scenario(result, allowed, seconds, codes, logs, checks, tagged_after, title=f"netns, {mode}")
+    return Scenario(LoadResult(dict(outcomes), failed_at), allowed, seconds, codes, logs, checks, tagged_after)
 
 
 @pytest.mark.timeout(180)
