@@ -396,6 +396,12 @@ def address_label(device: str, tag: str) -> str:
     return f"{device}:{tag}"[:IFNAMSIZ_MAX]
 
 
+def _restore_line(args: list[str]) -> str:
+    """One rule in iptables-restore's input: not a shell, so only double quotes group words (a comment
+    with a space); single quotes or brackets would be taken literally."""
+    return " ".join(f'"{arg}"' if any(c.isspace() for c in arg) or not arg else arg for arg in args)
+
+
 def run_command(
     runner: Runner, argv: list[str], timeout: float = COMMAND_TIMEOUT, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -540,7 +546,7 @@ class Interceptor:
             lines = []
             for table, in_table in tables.items():
                 lines.append(f"*{table}")
-                lines += [shlex.join(["-I", rule.chain, "1", *rule.args(self.spec.tag)]) for rule in in_table]
+                lines += [_restore_line(["-I", rule.chain, "1", *rule.args(self.spec.tag)]) for rule in in_table]
                 lines.append("COMMIT")
             argv = [f"{self.binary(family)}-restore", "-w", IPTABLES_WAIT, "--noflush"]
             try:

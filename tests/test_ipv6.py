@@ -224,6 +224,13 @@ class Lab6(tn.Lab):
             f"[{KUBE_DNS_ENDPOINT6}]:53={tn.ANSWER_KUBE_DNS}",
             f"[{UPSTREAM_ENDPOINT6}]:53={tn.ANSWER_VIA_PROXY}",
         )
+        # Fresh veths resolve their IPv6 neighbours on first use: a test's first lookup must not be
+        # the one that waits for it (or loses its datagram).
+        tn.wait_for(
+            lambda: self.dig(CLUSTER_IP6, "lab-ready.example") == tn.ANSWER_KUBE_DNS,
+            10,
+            "the pod reaches kube-dns through the IPv6 ClusterIP",
+        )
 
     def write_resolv_conf(self, tcp: bool = False, pod_nameservers: tuple[str, ...] | None = None) -> None:
         """Write every namespace's resolv.conf: the pod's names ``pod_nameservers`` (default: the lab's ClusterIPs).
@@ -372,7 +379,10 @@ class TestIPv6Interception:
         interceptor6(lab6, mode).remove_leftovers()
         assert lab6.tagged() == []
         # Even one configured for IPv4 only finds them: a restart with another configuration cleans up.
-        intercept6(lab6, mode)
+        again = interceptor6(lab6, mode)  # the stand-in of the first install still listens
+        again.add_addresses()
+        again.install_rules()
+        assert lab6.tagged() != []
         v4_only = netsetup.InterceptSpec(mode="nodelocal", local_ips=(tn.LINK_LOCAL,))
         netsetup.Interceptor(v4_only, structlog.get_logger(), runner=lab6.runner(lab6.node)).remove_leftovers()
         assert lab6.tagged() == []

@@ -445,6 +445,15 @@ TRANSPORTS = ["udp", "tcp", "glibc"]
 # -- pure checks ------------------------------------------------------------------------------
 
 
+class TestRestoreInput:
+    """The rules batched into one iptables-restore are written in its own syntax, not a shell's."""
+
+    def test_brackets_and_colons_unquoted_spaces_double_quoted(self) -> None:
+        """An IPv6 DNAT target stays bare (restore keeps single quotes literally); a comment with a space is grouped."""
+        line = netsetup._restore_line(["-I", "OUTPUT", "1", "--to-destination", "[fd00::10]:53", "--comment", "a b"])
+        assert line == '-I OUTPUT 1 --to-destination [fd00::10]:53 --comment "a b"'
+
+
 class TestInterceptSpec:
     """Validation and rule sets of InterceptSpec (no root needed)."""
 
