@@ -222,8 +222,9 @@ class Lab:
                 ["ip", "netns", "exec", ns, *argv],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
             )
         proc.log_path = log_path  # type: ignore[attr-defined]
         self.procs.append(proc)

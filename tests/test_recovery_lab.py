@@ -32,6 +32,8 @@ from typing import Any
 import dnslib
 import pytest
 
+import test_netsetup
+
 ROOT = Path(__file__).resolve().parent.parent
 THIS = Path(__file__).resolve()
 NODE_SIDE = "169.254.102.1"
@@ -133,8 +135,12 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
     return lines
 
 
-class Lab:
-    """A node namespace (proxy, clients) and an up namespace (the kube-dns stand-in), joined by a veth pair."""
+class Lab(test_netsetup.Lab):
+    """A node namespace (proxy, clients) and an up namespace (the kube-dns stand-in), joined by a veth pair.
+
+    Processes start and the lab is deleted as in test_netsetup's lab (start, close); only the
+    namespaces and links differ.
+    """
 
     def __init__(self, workdir: Path) -> None:
         suffix = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -162,34 +168,6 @@ class Lab:
         ):
             _run(["ip", *args])
 
-    def start(self, ns: str, name: str, argv: list[str], ready: str | None = None) -> Any:
-        """Start argv in `ns`, output to NAME.log (NAME.2.log, ... when started again); wait for `ready` in it."""
-        log_path = self.workdir / f"{name}.log"
-        number = 1
-        while log_path.exists():
-            number += 1
-            log_path = self.workdir / f"{name}.{number}.log"
-        with open(log_path, "xb") as log_file:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, *argv],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            )
-        proc.log_path = log_path  # type: ignore[attr-defined]
-        self.procs.append(proc)
-        if ready is not None:
-
-            def is_ready() -> bool:
-                if proc.poll() is not None:
-                    raise AssertionError(f"{name} exited: {log_path.read_text()[-2000:]}")
-                return ready in log_path.read_text()
-
-            wait_for(is_ready, 15, f"{name} printed {ready!r}")
-        return proc
-
     def stand_in(self, answer: str) -> Any:
         return self.start(
             self.up, "kube-dns", [sys.executable, str(THIS), "serve", KUBE_DNS, "53", answer, str(TTL)], "ready"
@@ -197,7 +175,8 @@ class Lab:
 
     def script(self, *args: str, timeout: float = 60) -> str:
         """Run this file's client in the node namespace and return its output."""
-        return _run(["ip", "netns", "exec", self.node, sys.executable, str(THIS), *args], timeout=timeout).stdout
+        argv = ["ip", "netns", "exec", self.node, "env", f"PYTHONPATH={ROOT}", sys.executable, str(THIS), *args]
+        return _run(argv, timeout=timeout).stdout
 
     def silence(self, on: bool) -> None:
         """Drop (or stop dropping) every DNS packet reaching the stand-in: a silent outage."""
@@ -210,13 +189,6 @@ class Lab:
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            self.stop(proc)
-        for ns in self.created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
 
 
 @pytest.fixture
